@@ -1,0 +1,73 @@
+"""cloudmap: the Azure Batch model in your notebook.
+
+A :class:`Pool` of compute nodes (local processes by default) runs your Python functions
+with ``map``, ``imap`` and ``submit``, on a Dask cluster whose workers live on the nodes.
+
+Names are imported lazily so that a node agent, which imports ``cloudmap.node``, starts
+without loading Dask.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Pool": "cloudmap.pool",
+    "Future": "cloudmap.futures",
+    "PoolExecutor": "cloudmap.futures",
+    "NodeInfo": "cloudmap.nodes",
+    "NodeState": "cloudmap.nodes",
+    "StartTaskInfo": "cloudmap.nodes",
+    "ProgressCounts": "cloudmap.progress",
+    "ProgressReporter": "cloudmap.progress",
+    "item_rng": "cloudmap.seeding",
+    "CloudmapError": "cloudmap.errors",
+    "InputError": "cloudmap.errors",
+    "NoNodesError": "cloudmap.errors",
+    "PoolClosedError": "cloudmap.errors",
+    "PoolStartError": "cloudmap.errors",
+    "RemoteException": "cloudmap.errors",
+    "SerializationError": "cloudmap.errors",
+    "TaskError": "cloudmap.errors",
+    "TaskTimeoutError": "cloudmap.errors",
+    "UnknownProviderError": "cloudmap.errors",
+    "WorkerLostError": "cloudmap.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .errors import (
+        CloudmapError,
+        InputError,
+        NoNodesError,
+        PoolClosedError,
+        PoolStartError,
+        RemoteException,
+        SerializationError,
+        TaskError,
+        TaskTimeoutError,
+        UnknownProviderError,
+        WorkerLostError,
+    )
+    from .futures import Future, PoolExecutor
+    from .nodes import NodeInfo, NodeState, StartTaskInfo
+    from .pool import Pool
+    from .progress import ProgressCounts, ProgressReporter
+    from .seeding import item_rng
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cloudmap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,138 @@
+"""Cluster glue: the pool's Dask scheduler and client, and the few questions cloudmap asks them.
+
+The scheduler runs in the client's process, on Dask's event-loop thread; slots (one Dask
+worker process with one thread each) connect to it from the nodes. Nothing here knows how
+nodes are made.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from distributed import Client, Future, Scheduler, SpecCluster
+
+from .nodes import node_of
+from .payload import TIMEOUT_TOPIC
+from .runner import exit_slot, run_batch
+
+
+class _DropKilledWorkerNoise(logging.Filter):
+    """cloudmap retries lost tasks itself; Dask's error line about them is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "marked as failed because" not in str(record.msg)
+
+
+class DaskCluster:
+    """A scheduler on ``host`` and a client connected to it.
+
+    ``allowed_failures=0``: a task whose slot dies is reported to cloudmap at once, which
+    decides between retry (crash), requeue (preemption) and timeout, item by item.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+        logging.getLogger("distributed.scheduler").addFilter(_DropKilledWorkerNoise())
+        self._cluster = SpecCluster(
+            scheduler={
+                "cls": Scheduler,
+                "options": {
+                    "host": host,
+                    "port": 0,
+                    "dashboard_address": dashboard,
+                    "allowed_failures": 0,
+                    "validate": False,
+                },
+            },
+            workers={},
+            silence_logs=logging.WARNING,
+            name="cloudmap",
+        )
+        self.client = Client(self._cluster, direct_to_workers=True)
+        self._timeouts: dict[str, bytes] = {}
+        self._timeouts_lock = threading.Lock()
+        self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
+        self._slot_count = (0.0, 0)
+        self._task_ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+
+    @property
+    def scheduler_address(self) -> str:
+        return str(self._cluster.scheduler_address)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self._cluster.dashboard_link if self._cluster.scheduler_info else None
+
+    def submit_batch(self, fn_blob: bytes, batch_blob: bytes, label: str) -> Future:
+        """Send one batch as one Dask task, never de-duplicated (pure=False, unique key)."""
+        key = f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}"
+        return self.client.submit(run_batch, fn_blob, batch_blob, key=key, pure=False)
+
+    def pop_timeout_result(self, key: str) -> bytes | None:
+        """The partial result a slot sent before its watchdog ended it, if any."""
+        with self._timeouts_lock:
+            return self._timeouts.pop(key, None)
+
+    def _on_timeout_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, message = event
+        with self._timeouts_lock:
+            self._timeouts[str(message["key"])] = message["result"]
+
+    def slot_count(self, max_age: float = 0.5) -> int:
+        """How many slots (workers) are connected; cached for ``max_age`` seconds."""
+        checked, count = self._slot_count
+        now = time.monotonic()
+        if now - checked > max_age:
+            count = len(self.client.scheduler_info(n_workers=-1)["workers"])
+            self._slot_count = (now, count)
+        return count
+
+    def slots_by_node(self) -> dict[str, list[tuple[str, int]]]:
+        """Each node's connected slots as (worker address, tasks processing)."""
+        view: dict[str, list[tuple[str, int]]] = {}
+        for name, address, processing in self.client.run_on_scheduler(_slots_view):
+            node = node_of(name)
+            if node is not None:
+                view.setdefault(node, []).append((address, processing))
+        return view
+
+    def stop_running(self, futures: Iterable[Future]) -> None:
+        """Cancel tasks and end the slot processes still running them, freeing the slots."""
+        futures = list(futures)
+        if not futures:
+            return
+        keys = [f.key for f in futures]
+        workers = self.client.run_on_scheduler(_workers_processing, keys)
+        self.client.cancel(futures, force=True)
+        if workers:
+            self.client.run(exit_slot, workers=list(workers), wait=False)
+
+    def close(self) -> None:
+        try:
+            self.client.close(timeout=10)
+        finally:
+            self._cluster.close(timeout=10)
+
+
+def _slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:
+    return [
+        (str(ws.name), ws.address, len(ws.processing))
+        for ws in dask_scheduler.workers.values()
+    ]
+
+
+def _workers_processing(keys: list[str], dask_scheduler: Scheduler) -> set[str]:
+    workers = set()
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        if task is not None and task.processing_on is not None:
+            workers.add(task.processing_on.address)
+    return workers

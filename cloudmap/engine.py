@@ -1,0 +1,430 @@
+"""The map engine: items in, tasks out, results back in order, with retries and an error policy.
+
+It pulls items lazily from the input, cuts them into batches whose size the
+:class:`~cloudmap.batching.BatchSizer` learns from timings, keeps a bounded window of batches
+in flight as Dask tasks, and unpacks results as they return. The scheduler sees tasks,
+never items. Items that fail are retried on their own; items of a task whose slot died
+without saying why are re-run one per task, so a crash is charged only to the item that
+causes it. It does not know which provider made the slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from typing import Any
+
+from distributed import Future
+from distributed.scheduler import KilledWorker
+
+from .batching import BatchSizer
+from .cluster import DaskCluster
+from .errors import (
+    InputError,
+    PoolClosedError,
+    SerializationError,
+    TaskError,
+    WorkerLostError,
+)
+from .nodes import node_of
+from .payload import (
+    CALL_ONE,
+    CALL_STAR,
+    Batch,
+    BatchResult,
+    RemoteError,
+    dump_function,
+    dump_items_batch,
+    load_result,
+)
+from .progress import ProgressCounts, ProgressReporter
+
+ON_ERROR_CHOICES = ("raise", "return", "skip")
+
+
+class _Skipped:
+    """Marks an item dropped by ``on_error="skip"``."""
+
+    def __repr__(self) -> str:
+        return "<skipped>"
+
+
+SKIPPED: Any = _Skipped()
+_MISSING: Any = object()
+
+
+class _SourceBatch:
+    """Consecutive input items, kept until every one has a result (for retries and order)."""
+
+    __slots__ = ("items", "missing", "start", "values")
+
+    def __init__(self, start: int, items: list[Any]) -> None:
+        self.start = start
+        self.items = items
+        self.values: list[Any] = [_MISSING] * len(items)
+        self.missing = len(items)
+
+    @property
+    def indices(self) -> range:
+        return range(self.start, self.start + len(self.items))
+
+
+class _Task:
+    """One Dask task: either a whole source batch, or loose items (retries)."""
+
+    __slots__ = ("batch", "future", "refs")
+
+    def __init__(self, batch: _SourceBatch | None, refs: list[tuple[_SourceBatch, int]] | None):
+        self.batch = batch
+        self.refs = refs
+        self.future: Future | None = None
+
+    def positions(self) -> list[tuple[_SourceBatch, int]]:
+        if self.refs is not None:
+            return self.refs
+        assert self.batch is not None
+        return [(self.batch, p) for p in range(len(self.batch.items))]
+
+
+Chunk = tuple[range | list[int], list[Any]]
+
+
+class MapEngine:
+    """Runs one map (one Batch job): ``start()`` submits the first window, then iterate."""
+
+    def __init__(
+        self,
+        cluster: DaskCluster,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        *,
+        slots: Callable[[], int],
+        is_closed: Callable[[], bool],
+        seed: int | None = None,
+        batch_size: int | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        ordered: bool = True,
+        reporter: ProgressReporter | None = None,
+        label: str = "map",
+    ) -> None:
+        self._cluster = cluster
+        self._fn_blob = dump_function(fn)
+        self._call = CALL_ONE if len(iterables) == 1 else CALL_STAR
+        self._source, self._total = _open_source(iterables)
+        self._slots = slots
+        self._is_closed = is_closed
+        self._seed = seed
+        self._retries = retries
+        self._timeout = timeout
+        self._on_error = on_error
+        self._ordered = ordered
+        self._reporter = reporter
+        self._label = label
+        self._sizer = BatchSizer(fixed=batch_size)
+        self._done: queue.SimpleQueue[tuple[_Task, str, Any]] = queue.SimpleQueue()
+        self._tasks: dict[str, _Task] = {}
+        self._open: deque[_SourceBatch] = deque()
+        self._retry: deque[tuple[_SourceBatch, int, bool]] = deque()
+        self._attempts: dict[int, int] = {}
+        self._emitted: deque[Chunk] = deque()
+        self._next_index = 0
+        self._exhausted = False
+        self._counts = ProgressCounts(total=self._total)
+
+    # -- public -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Submit the first window of tasks, so work begins before anyone iterates."""
+        if self._reporter is not None:
+            self._reporter.start(self._counts, self._label)
+        try:
+            self._refill()
+        except BaseException:
+            self._abort(kill_running=False)
+            raise
+
+    def chunks(self, deadline: float | None = None) -> Iterator[Chunk]:
+        """Yield (indices, values) as they become ready: in input order if ``ordered``.
+
+        Values of skipped items are :data:`SKIPPED`. On any exception (a failed item with
+        ``on_error="raise"``, Ctrl-C, the consumer stopping) the tasks still in flight are
+        cancelled; on Ctrl-C the slots running them are restarted so they are free at once.
+        """
+        try:
+            while self._tasks or self._retry:
+                try:
+                    task, kind, payload = self._done.get(timeout=0.1)
+                except queue.Empty:
+                    self._check_alive(deadline)
+                    continue
+                if task.future is None or task.future.key not in self._tasks:
+                    continue  # a task we already gave up on
+                del self._tasks[task.future.key]
+                self._handle(task, kind, payload)
+                yield from self._ready()
+                self._refill()
+                self._report()
+            yield from self._ready()
+        except KeyboardInterrupt:
+            self._abort(kill_running=True)
+            raise
+        except BaseException:
+            self._abort(kill_running=False)
+            raise
+        finally:
+            if self._reporter is not None:
+                self._reporter.close(self._counts)
+                self._reporter = None
+
+    def buffered_results(self) -> dict[int, Any]:
+        """Results computed but not yet handed out, by item index (attached to errors)."""
+        results: dict[int, Any] = {}
+        for batch in self._open:
+            for index, value in zip(batch.indices, batch.values):
+                if value is not _MISSING and value is not SKIPPED:
+                    results[index] = value
+        for indices, values in self._emitted:
+            for index, value in zip(indices, values):
+                if value is not SKIPPED:
+                    results[index] = value
+        return results
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def _refill(self) -> None:
+        slots = max(1, self._slots())
+        window = 2 * slots + 2
+        while len(self._tasks) < window:
+            if self._retry:
+                self._submit_retry(slots)
+                continue
+            if self._exhausted or (self._ordered and len(self._open) >= 4 * window):
+                return
+            remaining = None if self._total is None else self._total - self._next_index
+            size = self._sizer.next_size(slots=slots, remaining=remaining)
+            try:
+                items = list(itertools.islice(self._source, size))
+            except ValueError as exc:  # zip(strict=True): iterables of different lengths
+                self._exhausted = True
+                raise InputError(
+                    f"the iterables passed to map have different lengths ({exc}); "
+                    "pass iterables of equal length",
+                    self.buffered_results(),
+                ) from None
+            if not items:
+                self._exhausted = True
+                return
+            batch = _SourceBatch(self._next_index, items)
+            self._next_index += len(items)
+            if self._total is not None and self._next_index >= self._total:
+                self._exhausted = True
+            self._open.append(batch)
+            self._submit(_Task(batch, None), batch.indices, items)
+
+    def _submit_retry(self, slots: int) -> None:
+        first_batch, first_position, isolate = self._retry.popleft()
+        refs = [(first_batch, first_position)]
+        if not isolate:
+            limit = self._sizer.next_size(slots=slots, remaining=None)
+            while self._retry and len(refs) < limit and not self._retry[0][2]:
+                batch, position, _ = self._retry.popleft()
+                refs.append((batch, position))
+        indices = [batch.start + position for batch, position in refs]
+        items = [batch.items[position] for batch, position in refs]
+        self._submit(_Task(None, refs), indices, items)
+
+    def _submit(self, task: _Task, indices: range | list[int], items: list[Any]) -> None:
+        batch = Batch(self._call, self._seed, self._timeout, indices, items)
+        try:
+            blob = dump_items_batch(batch)
+        except SerializationError as exc:
+            exc.results = self.buffered_results()
+            raise
+        task.future = self._cluster.submit_batch(self._fn_blob, blob, self._label)
+        self._tasks[task.future.key] = task
+        self._counts.in_flight += len(items)
+        task.future.add_done_callback(partial(self._on_done, task))
+
+    def _on_done(self, task: _Task, future: Future) -> None:
+        """Runs on Dask's callback thread: fetch the result there, hand it to the engine."""
+        try:
+            if future.status == "finished":
+                self._done.put((task, "ok", future.result()))
+            elif future.status == "cancelled":
+                self._done.put((task, "cancelled", None))
+            else:
+                self._done.put((task, "error", future.exception()))
+        except BaseException as exc:
+            self._done.put((task, "error", exc))
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _handle(self, task: _Task, kind: str, payload: Any) -> None:
+        positions = task.positions()
+        self._counts.in_flight -= len(positions)
+        if kind == "ok":
+            self._take_result(task, positions, load_result(payload))
+            return
+        if self._is_closed():
+            raise PoolClosedError("the pool was closed while this map was running")
+        partial_blob = None
+        if isinstance(payload, KilledWorker) and self._timeout is not None:
+            partial_blob = self._wait_for_timeout_record(str(task.future.key) if task.future else "")
+        if partial_blob is not None:
+            result = load_result(partial_blob)
+            self._take_result(task, positions[: result.completed], result)
+            for batch, position in positions[result.completed :]:
+                self._retry.append((batch, position, False))
+            return
+        worker = _last_worker(payload)
+        if len(positions) == 1:
+            lost = WorkerLostError(
+                f"the slot process running this item died ({type(payload).__name__}: {payload})"
+            )
+            batch, position = positions[0]
+            self._item_failed(batch, position, RemoteError.from_exception(lost), worker)
+        else:  # do not know which item killed the slot: re-run each alone, uncharged
+            self._retry.extend((batch, position, True) for batch, position in positions)
+
+    def _wait_for_timeout_record(self, key: str) -> bytes | None:
+        """A slot ended by its watchdog sends its partial result just before it dies."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            blob = self._cluster.pop_timeout_result(key)
+            if blob is not None or time.monotonic() > deadline:
+                return blob
+            time.sleep(0.02)
+
+    def _take_result(
+        self, task: _Task, positions: list[tuple[_SourceBatch, int]], result: BatchResult
+    ) -> None:
+        self._sizer.observe(result.completed, result.compute_seconds)
+        batch = task.batch
+        if batch is not None and not result.errors and result.completed == len(batch.items):
+            batch.values = result.values  # the common case: a whole batch, no failures
+            batch.missing = 0
+            self._counts.done += len(batch.items)
+            if not self._ordered:
+                self._emitted.append((batch.indices, result.values))
+            return
+        for offset, (source, position) in enumerate(positions):
+            if offset >= result.completed:
+                self._retry.append((source, position, False))  # cancelled mid-batch
+                continue
+            error = result.errors.get(offset)
+            if error is None:
+                self._resolve(source, position, result.values[offset])
+                self._counts.done += 1
+            else:
+                self._item_failed(source, position, error, result.worker)
+
+    def _item_failed(
+        self, batch: _SourceBatch, position: int, error: RemoteError, worker: str | None
+    ) -> None:
+        index = batch.start + position
+        attempts = self._attempts.get(index, 0) + 1
+        self._attempts[index] = attempts
+        if attempts <= self._retries:
+            self._counts.retried += 1
+            self._retry.append((batch, position, False))
+            return
+        self._counts.failed += 1
+        failure = TaskError(
+            index,
+            exception=error.exception(),
+            remote_traceback=error.traceback,
+            node=node_of(worker) if worker else None,
+            worker=worker,
+            attempts=attempts,
+            item=batch.items[position],
+        )
+        if self._on_error == "raise":
+            failure.results = self.buffered_results()
+            raise failure
+        self._resolve(batch, position, failure if self._on_error == "return" else SKIPPED)
+
+    def _resolve(self, batch: _SourceBatch, position: int, value: Any) -> None:
+        batch.values[position] = value
+        batch.missing -= 1
+        if not self._ordered:
+            self._emitted.append(([batch.start + position], [value]))
+
+    def _ready(self) -> Iterator[Chunk]:
+        """Hand out what may be handed out now, releasing finished batches."""
+        if self._ordered:
+            while self._open and self._open[0].missing == 0:
+                batch = self._open.popleft()
+                yield batch.indices, batch.values
+            return
+        while self._open and self._open[0].missing == 0:
+            self._open.popleft()
+        while self._emitted:
+            yield self._emitted.popleft()
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def _report(self) -> None:
+        if self._reporter is not None:
+            self._reporter.update(self._counts)
+
+    def _check_alive(self, deadline: float | None) -> None:
+        if self._is_closed():
+            raise PoolClosedError("the pool was closed while this map was running")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the map's results did not all arrive before its timeout")
+
+    def _abort(self, *, kill_running: bool) -> None:
+        futures = [task.future for task in self._tasks.values() if task.future is not None]
+        self._tasks.clear()
+        self._retry.clear()
+        if not futures or self._is_closed():
+            return
+        try:
+            if kill_running:
+                self._cluster.stop_running(futures)
+            else:
+                self._cluster.client.cancel(futures, force=True)
+        except Exception:  # the pool may be shutting down under us; nothing left to free
+            pass
+
+
+def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], int | None]:
+    """One iterator of items (tuples for several iterables) and the length if known."""
+    if not iterables:
+        raise InputError("map needs at least one iterable of items after the function")
+    for number, iterable in enumerate(iterables, start=1):
+        try:
+            iter(iterable)
+        except TypeError:
+            raise InputError(
+                f"argument {number} after the function is a {type(iterable).__name__}, which "
+                "is not iterable; pass a list, range, array or generator of items"
+            ) from None
+    lengths = []
+    for iterable in iterables:
+        try:
+            lengths.append(len(iterable))  # type: ignore[arg-type]
+        except TypeError:
+            lengths.append(None)
+    known = [n for n in lengths if n is not None]
+    if len(set(known)) > 1:
+        raise InputError(
+            f"the iterables passed to map have different lengths {known}; "
+            "pass iterables of equal length (or use itertools.zip_longest yourself)"
+        )
+    total = known[0] if len(known) == len(lengths) else None
+    if len(iterables) == 1:
+        return iter(iterables[0]), total
+    return zip(*iterables, strict=True), total
+
+
+def _last_worker(error: Any) -> str | None:
+    worker = getattr(error, "last_worker", None)
+    name = getattr(worker, "name", None)
+    return str(name) if name is not None else None

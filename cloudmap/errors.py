@@ -1,0 +1,136 @@
+"""The exceptions cloudmap raises: each says what went wrong and what to do next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CloudmapError(Exception):
+    """Base class of every error cloudmap raises itself."""
+
+
+class PoolClosedError(CloudmapError, RuntimeError):
+    """The pool was used after ``close()`` (or after its ``with`` block ended)."""
+
+
+class PoolStartError(CloudmapError, RuntimeError):
+    """No node of a new pool became ready in time; the pool left nothing running.
+
+    ``nodes`` holds the provider's last view of every node, including the start task's
+    exit code, stdout and stderr, so the reason is visible without digging in files.
+    """
+
+    def __init__(self, message: str, nodes: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.nodes = list(nodes or [])
+
+
+class NoNodesError(CloudmapError, RuntimeError):
+    """Work was sent to a pool that has no nodes and none on the way."""
+
+
+class UnknownProviderError(CloudmapError, ValueError):
+    """The provider name is not registered."""
+
+
+class InputError(CloudmapError, ValueError):
+    """The arguments of a map or submit call cannot be used as given.
+
+    ``results`` maps item index to value for every item finished before the problem was
+    found, so nothing computed is lost.
+    """
+
+    def __init__(self, message: str, results: dict[int, Any] | None = None) -> None:
+        super().__init__(message)
+        self.results = dict(results or {})
+
+
+class SerializationError(InputError, TypeError):
+    """A function, argument or item could not be pickled to send to the nodes."""
+
+
+class RemoteException(Exception):
+    """Stands in for a remote exception that could not be sent back as itself."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, str(self).split(": ", 1)[-1]))
+
+
+class TaskError(CloudmapError):
+    """An item failed on the pool after all its attempts.
+
+    Attributes
+    ----------
+    index : int
+        Position of the item in the input (0 for ``submit``).
+    item : object
+        The item itself, when it was still held by the client.
+    node, worker : str or None
+        Where the last attempt ran.
+    attempts : int
+        How many times the item was tried (retries + 1 when they were all used).
+    exception : BaseException
+        The exception the function raised (or a :class:`RemoteException` stand-in).
+    remote_traceback : str
+        The traceback as printed on the node.
+    results : dict
+        With ``on_error="raise"``: every result finished before the failure, by index.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        *,
+        exception: BaseException,
+        remote_traceback: str = "",
+        node: str | None = None,
+        worker: str | None = None,
+        attempts: int = 1,
+        item: Any = None,
+    ) -> None:
+        self.index = index
+        self.exception = exception
+        self.remote_traceback = remote_traceback
+        self.node = node
+        self.worker = worker
+        self.attempts = attempts
+        self.item = item
+        self.results: dict[int, Any] = {}
+        where = f" on {worker}" if worker else ""
+        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        message = (
+            f"item {index} failed{where} after {tries}: "
+            f"{type(exception).__name__}: {exception}"
+        )
+        if remote_traceback:
+            message += "\n\nRemote traceback:\n" + remote_traceback.rstrip()
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_task_error, (self.index, self.__dict__.copy()))
+
+
+def _rebuild_task_error(index: int, state: dict[str, Any]) -> TaskError:
+    error = TaskError(
+        index,
+        exception=state["exception"],
+        remote_traceback=state["remote_traceback"],
+        node=state["node"],
+        worker=state["worker"],
+        attempts=state["attempts"],
+        item=state["item"],
+    )
+    error.results = state.get("results", {})
+    return error
+
+
+class TaskTimeoutError(TimeoutError):
+    """One attempt of an item ran longer than the map's ``timeout=``; its slot was restarted."""
+
+
+class WorkerLostError(RuntimeError):
+    """The slot process running an item died (crash, out of memory, ``os._exit``...)."""

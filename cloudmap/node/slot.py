@@ -1,0 +1,29 @@
+"""One slot: a Dask worker process with one thread, named by node and slot.
+
+``python -m cloudmap.node.slot SCHEDULER NAME DIRECTORY``. One thread per process means a
+task that overruns its timeout can be stopped by ending this process, and pure-Python
+tasks on different slots never share a GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+
+async def serve(scheduler: str, name: str, directory: str) -> None:
+    from distributed import Worker
+
+    async with Worker(
+        scheduler,
+        name=name,
+        nthreads=1,
+        memory_limit=0,
+        local_directory=directory,
+        death_timeout=60,
+    ) as worker:
+        await worker.finished()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,0 +1,155 @@
+"""The wire format of a task: one pickled blob of items in, one pickled blob of results out.
+
+Dask walks every argument of a task looking for keys; a list of a hundred thousand items
+costs microseconds per item there, a single ``bytes`` object costs nothing. So a task carries
+exactly two blobs (the function, pickled once per map, and the batch) and returns one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from .errors import RemoteException
+
+#: How an item is turned into a call of the user's function.
+CALL_ONE = 0  # fn(item)
+CALL_STAR = 1  # fn(*item): map over several iterables
+CALL_ARGS = 2  # fn(*args, **kwargs): item is (args, kwargs), used by submit
+
+TIMEOUT_TOPIC = "cloudmap-timeout"
+
+
+class Batch(NamedTuple):
+    """What one task runs: ``items[i]`` is input item number ``indices[i]``."""
+
+    call: int
+    seed: int | None
+    timeout: float | None
+    indices: range | list[int]
+    items: list[Any]
+
+
+@dataclass
+class RemoteError:
+    """One item's failure as it travels back: the exception if it pickles, else its text."""
+
+    exception_blob: bytes
+    type_name: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> RemoteError:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            blob = cloudpickle.dumps(exc)
+        except Exception:
+            blob = b""
+        return cls(blob, type(exc).__name__, str(exc), text)
+
+    def exception(self) -> BaseException:
+        """The original exception when it can be rebuilt here, else a stand-in."""
+        if self.exception_blob:
+            try:
+                exc = pickle.loads(self.exception_blob)
+            except Exception:
+                pass
+            else:
+                if isinstance(exc, BaseException):
+                    return exc
+        return RemoteException(self.type_name, self.message)
+
+
+class BatchResult(NamedTuple):
+    """What one task sends back.
+
+    ``values[i]`` is the result of ``batch.items[i]`` unless ``i`` is in ``errors``.
+    ``completed`` is how many leading items were processed; less than the batch length
+    only when the task was cancelled or cut by a timeout.
+    """
+
+    worker: str | None
+    compute_seconds: float
+    values: list[Any]
+    errors: dict[int, RemoteError]
+    completed: int
+
+
+def dump_batch(batch: Batch) -> bytes:
+    return cloudpickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_batch(blob: bytes) -> Batch:
+    return pickle.loads(blob)  # type: ignore[no-any-return]
+
+
+def dump_result(result: BatchResult) -> bytes:
+    """Pickle a result; a value that cannot be pickled becomes that item's error alone."""
+    try:
+        return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    values = list(result.values)
+    errors = dict(result.errors)
+    for position, value in enumerate(values):
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            wrapped = TypeError(
+                f"the function's return value could not be pickled to send back: {exc}; "
+                "return plain data (numbers, arrays, dicts...) instead"
+            )
+            errors[position] = RemoteError.from_exception(wrapped)
+            values[position] = None
+    return cloudpickle.dumps(result._replace(values=values, errors=errors))
+
+
+def load_result(blob: bytes) -> BatchResult:
+    return pickle.loads(blob)  # type: ignore[no-any-return]
+
+
+def dump_function(fn: Any) -> bytes:
+    """Pickle the user's function once per map or submit, with a useful error if it can't be."""
+    if not callable(fn):
+        from .errors import InputError
+
+        raise InputError(f"{fn!r} is not callable: pass a function as the first argument")
+    try:
+        return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        from .errors import SerializationError
+
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise SerializationError(
+            f"the function {name} cannot be pickled to send to the nodes ({exc}); "
+            "it probably captures something that lives only in this process (an open file, "
+            "a lock, a client); create such things inside the function instead"
+        ) from exc
+
+
+def dump_items_batch(batch: Batch) -> bytes:
+    """Pickle a batch; if an item cannot be pickled, say which one."""
+    try:
+        return dump_batch(batch)
+    except Exception as exc:
+        from .errors import SerializationError
+
+        for index, item in zip(batch.indices, batch.items):
+            try:
+                cloudpickle.dumps(item)
+            except Exception as item_exc:
+                raise SerializationError(
+                    f"item {index} ({_short_repr(item)}) cannot be pickled to send to the "
+                    f"nodes ({item_exc}); pass plain data (numbers, strings, arrays, paths)"
+                ) from item_exc
+        raise SerializationError(f"a batch cannot be pickled: {exc}") from exc
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,437 @@
+"""The public face: ``cloudmap.Pool``, its options, its calls and its lifetime.
+
+A Pool owns a Dask scheduler (cluster glue), a provider that makes the nodes, and hands
+each ``map`` to a fresh :class:`~cloudmap.engine.MapEngine`. It never knows how a provider
+makes nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from .cluster import DaskCluster
+from .engine import ON_ERROR_CHOICES, SKIPPED, MapEngine
+from .errors import InputError, NoNodesError, PoolClosedError, PoolStartError, TaskError
+from .futures import Future, PoolExecutor
+from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
+from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
+from .progress import make_reporter
+from .providers import PoolSpec, Provider, get_provider
+from .providers.base import StartTask
+from .seeding import check_accepts_rng, check_seed
+
+#: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
+START_TIMEOUT = 120.0
+
+
+class Pool:
+    """A pool of compute nodes running your Python functions, in the Azure Batch model.
+
+    Parameters
+    ----------
+    provider : str
+        Where nodes live: ``"local"`` (processes on this machine, the default) or another
+        registered provider (see ``cloudmap.providers.known_providers()``).
+    nodes : int, optional
+        Dedicated nodes to start. Default for ``local``: one per CPU core / slots_per_node.
+    slots_per_node : int
+        Task slots per node; each slot is one worker process with one thread.
+    start_task : str or callable, optional
+        Shell command or Python callable run on each node before its slots join. A node
+        whose start task fails is shown as ``start_failed`` with its stdout and stderr.
+    start_task_timeout : float, optional
+        Seconds after which a start task is killed and its node marked ``start_failed``.
+    env : dict, optional
+        Environment variables for start tasks and slots.
+    start_timeout : float
+        Seconds to wait for the first node; then the pool is torn down and
+        :class:`~cloudmap.PoolStartError` raised.
+    **provider_options
+        Passed to the provider (local: ``root=``, ``keep_files=``).
+
+    Examples
+    --------
+    >>> import cloudmap
+    >>> with cloudmap.Pool(nodes=2) as pool:           # doctest: +SKIP
+    ...     squares = pool.map(lambda x: x * x, range(10))
+    """
+
+    def __init__(
+        self,
+        provider: str = "local",
+        *,
+        nodes: int | None = None,
+        slots_per_node: int = 1,
+        start_task: StartTask = None,
+        start_task_timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        start_timeout: float = START_TIMEOUT,
+        **provider_options: Any,
+    ) -> None:
+        _check_int("slots_per_node", slots_per_node, minimum=1)
+        if nodes is None:
+            nodes = max(1, (os.cpu_count() or 1) // slots_per_node)
+        _check_int("nodes", nodes, minimum=0)
+        _check_positive("start_timeout", start_timeout)
+        if start_task_timeout is not None:
+            _check_positive("start_task_timeout", start_task_timeout)
+        if start_task is not None and not (isinstance(start_task, str) or callable(start_task)):
+            raise InputError(
+                f"start_task={start_task!r} is neither a shell command string nor a callable"
+            )
+        env = {str(k): str(v) for k, v in (env or {}).items()}
+        provider_class = get_provider(provider)
+        self.spec = PoolSpec(nodes, slots_per_node, start_task, start_task_timeout, env)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._seen: dict[str, tuple[NodeState, datetime]] = {}
+        self._cluster = DaskCluster()
+        self.provider: Provider | None = None
+        try:
+            self.provider = provider_class(self.spec, **provider_options)
+            self._finalizer = weakref.finalize(self, _teardown, self.provider, self._cluster)
+            self.provider.start(self._cluster.scheduler_address)
+            if nodes:
+                self._wait_for_first_slot(start_timeout)
+        except BaseException:
+            self._closed = True
+            _teardown(self.provider, self._cluster)
+            raise
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def _wait_for_first_slot(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._cluster.slot_count(max_age=0) == 0:
+            nodes = self._provider().list_nodes()
+            failed = [n for n in nodes if n.state in FINAL_STATES]
+            if nodes and len(failed) == len(nodes):
+                raise PoolStartError(_start_failure_message(nodes), nodes)
+            if time.monotonic() > deadline:
+                raise PoolStartError(
+                    f"no node of the pool became ready within start_timeout={timeout:g} s "
+                    f"(states: {', '.join(f'{n.id}={n.state}' for n in nodes)}); the pool was "
+                    "removed. Raise start_timeout= or check the start task.",
+                    nodes,
+                )
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Remove every node and stop the scheduler. Safe to call twice."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _provider(self) -> Provider:
+        if self._closed or self.provider is None:
+            raise PoolClosedError(
+                "this pool is closed; create a new cloudmap.Pool(...) to run more work"
+            )
+        return self.provider
+
+    # -- Dask ------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` of this pool, for using Dask directly."""
+        self._provider()
+        return self._cluster.client
+
+    @property
+    def scheduler_address(self) -> str:
+        """The Dask scheduler's address, so that ``distributed.Client(pool)`` works."""
+        return self._cluster.scheduler_address
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self._cluster.dashboard_link
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node with its state: the provider's word, merged with the scheduler's."""
+        provider_nodes = self._provider().list_nodes()
+        slots = self._cluster.slots_by_node()
+        now = datetime.now(timezone.utc)
+        infos = []
+        for node in provider_nodes:
+            joined = slots.get(node.id, [])
+            busy = sum(1 for _, processing in joined if processing)
+            state = merged_state(node.state, len(joined), busy)
+            since = node.since
+            if node.state == "ready":  # idle <-> running: the pool's own observation time
+                previous = self._seen.get(node.id)
+                since = previous[1] if previous and previous[0] == state else now
+            self._seen[node.id] = (state, since)
+            infos.append(
+                NodeInfo(
+                    id=node.id,
+                    state=state,
+                    dedicated=node.dedicated,
+                    slots=node.slots,
+                    since=since,
+                    busy_slots=busy,
+                    workers=tuple(address for address, _ in joined),
+                    start_task=node.start_task,
+                )
+            )
+        return infos
+
+    def wait_for_nodes(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
+        """Block until ``count`` nodes (default: all requested) have every slot connected."""
+        wanted = self.spec.nodes if count is None else count
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.nodes()
+            ready = [n for n in nodes if n.state in (NodeState.IDLE, NodeState.RUNNING)]
+            if len(ready) >= wanted:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(ready)} of {wanted} nodes ready after {timeout:g} s: "
+                    + ", ".join(f"{n.id}={n.state}" for n in nodes)
+                )
+            time.sleep(0.05)
+
+    def _slots(self) -> int:
+        """Slots to plan batches for: connected ones, or those on the way while nodes start."""
+        connected = self._cluster.slot_count()
+        if connected:
+            return connected
+        nodes = self._provider().list_nodes()
+        coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES)
+        if not coming:
+            raise NoNodesError(
+                "the pool has no usable nodes; see pool.nodes() for why, and create a new pool"
+            )
+        return coming
+
+    # -- work ------------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a slot; return a ``concurrent.futures.Future``.
+
+        >>> future = pool.submit(pow, 2, 10)    # doctest: +SKIP
+        >>> future.result()                     # doctest: +SKIP
+        1024
+        """
+        self._slots()
+        fn_blob = dump_function(fn)
+        item = (args, kwargs)
+        blob = dump_items_batch(Batch(CALL_ARGS, None, None, range(1), [item]))
+        return Future(self._cluster.submit_batch(fn_blob, blob, "submit"), item)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        seed: int | None = None,
+        batch_size: int | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+    ) -> list[Any]:
+        """Call ``fn`` once per item (or per tuple of items from several iterables).
+
+        Returns the results as a list in input order. Items are sent in batches sized from
+        timings (``batch_size=`` fixes it). With ``seed=``, ``fn`` also gets ``rng=``, a
+        ``numpy.random.Generator`` of its own, the same for any node count or batching.
+
+        Parameters
+        ----------
+        retries : int
+            Extra attempts for an item whose call raises or whose slot dies.
+        timeout : float, optional
+            Seconds one attempt of one item may run; then its slot process is ended (and
+            replaced) and the attempt fails with ``TaskTimeoutError``.
+        on_error : {"raise", "return", "skip"}
+            On an item that failed every attempt: raise its :class:`~cloudmap.TaskError`
+            (finished results are in its ``.results``), put the TaskError in its place in
+            the list, or leave it out.
+        progress : bool or reporter, optional
+            A progress bar; by default shown when there is a terminal or a notebook.
+
+        >>> pool.map(lambda x, y: x + y, [1, 2], [10, 20])    # doctest: +SKIP
+        [11, 22]
+        """
+        engine = self._engine(fn, iterables, seed, batch_size, retries, timeout, on_error,
+                              True, progress, "map")  # fmt: skip
+        results: list[Any] = []
+        skipped = False
+        try:
+            engine.start()
+            for _, values in engine.chunks():
+                results.extend(values)
+                skipped = skipped or on_error == "skip"
+        except (TaskError, InputError) as exc:
+            exc.results = {
+                **{i: v for i, v in enumerate(results) if v is not SKIPPED},
+                **exc.results,
+            }
+            raise
+        if skipped:
+            results = [value for value in results if value is not SKIPPED]
+        return results
+
+    def imap(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+    ) -> Iterator[Any]:
+        """Like :meth:`map`, but yield results as they come, holding a bounded window.
+
+        Input is read lazily (an endless generator is fine) and only a few batches per slot
+        are in flight or buffered at a time. ``ordered=False`` yields in completion order.
+        Work starts at the call; stopping the iteration cancels what is still queued.
+        """
+        options = {"seed": seed, "batch_size": batch_size, "retries": retries,
+                   "timeout": timeout, "on_error": on_error, "progress": progress}  # fmt: skip
+        return self._imap(fn, iterables, ordered=ordered, **options)
+
+    def _imap(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        *,
+        ordered: bool,
+        deadline: float | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+    ) -> Iterator[Any]:
+        label = "imap" if ordered else "imap-unordered"
+        engine = self._engine(fn, iterables, seed, batch_size, retries, timeout, on_error,
+                              ordered, progress, label)  # fmt: skip
+        engine.start()
+        return _values(engine, deadline)
+
+    def executor(self, **map_options: Any) -> PoolExecutor:
+        """A ``concurrent.futures.Executor`` backed by this pool (it does not own the pool)."""
+        self._provider()
+        return PoolExecutor(self, **map_options)
+
+    def _engine(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        seed: int | None,
+        batch_size: int | None,
+        retries: int,
+        timeout: float | None,
+        on_error: str,
+        ordered: bool,
+        progress: Any,
+        label: str,
+    ) -> MapEngine:
+        self._slots()
+        if seed is not None:
+            seed = check_seed(seed)
+            check_accepts_rng(fn)
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, minimum=1)
+        _check_int("retries", retries, minimum=0)
+        if timeout is not None:
+            _check_positive("timeout", timeout)
+        if on_error not in ON_ERROR_CHOICES:
+            raise InputError(
+                f"on_error={on_error!r} is not one of {', '.join(map(repr, ON_ERROR_CHOICES))}"
+            )
+        return MapEngine(
+            self._cluster,
+            fn,
+            iterables,
+            slots=self._slots,
+            is_closed=lambda: self._closed,
+            seed=seed,
+            batch_size=batch_size,
+            retries=retries,
+            timeout=timeout,
+            on_error=on_error,
+            ordered=ordered,
+            reporter=make_reporter(progress),
+            label=label,
+        )
+
+    # -- display ---------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        if self._closed or self.provider is None:
+            return "<cloudmap.Pool closed>"
+        nodes = self.nodes()
+        counts: dict[str, int] = {}
+        for node in nodes:
+            counts[str(node.state)] = counts.get(str(node.state), 0) + 1
+        states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        slots = sum(n.slots for n in nodes)
+        return (
+            f"<cloudmap.Pool {self.provider.name}: {len(nodes)} nodes ({states or 'none'}), "
+            f"{slots} slots, scheduler {self.scheduler_address}>"
+        )
+
+
+def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:
+    for _, values in engine.chunks(deadline):
+        for value in values:
+            if value is not SKIPPED:
+                yield value
+
+
+def _teardown(provider: Provider | None, cluster: DaskCluster) -> None:
+    try:
+        if provider is not None:
+            provider.close()
+    finally:
+        cluster.close()
+
+
+def _start_failure_message(nodes: list[Any]) -> str:
+    first = nodes[0]
+    message = f"no node of the pool could start: {len(nodes)} node(s) {first.state}."
+    if first.start_task is not None:
+        message += f" The start task of {first.id} exited with {first.start_task.exit_code}"
+        tail = (first.start_task.stderr or first.start_task.stdout).strip()[-2000:]
+        if tail:
+            message += f"; its output ends with:\n{tail}"
+        message += "\nFix the start task and create the pool again."
+    else:
+        message += " Check the node logs; the pool was removed."
+    return message
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name}={value!r} is not valid: pass an integer >= {minimum}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"{name}={value!r} is not valid: pass a number of seconds > 0")

@@ -1,0 +1,102 @@
+"""Progress reporting for map, imap and friends: a tiny protocol any display can plug into.
+
+The map engine calls ``start``, ``update`` and ``close`` on a reporter with a
+:class:`ProgressCounts`. In a terminal the reporter is a tqdm bar; notebook widgets register
+themselves with :func:`set_default_reporter_factory`, which is the hook they use.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class ProgressCounts:
+    """Items of one map: ``total`` is None while the input's length is unknown."""
+
+    total: int | None
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    in_flight: int = 0
+
+
+@runtime_checkable
+class ProgressReporter(Protocol):
+    def start(self, counts: ProgressCounts, description: str) -> None: ...
+
+    def update(self, counts: ProgressCounts) -> None: ...
+
+    def close(self, counts: ProgressCounts) -> None: ...
+
+
+ReporterFactory = Callable[[], ProgressReporter | None]
+
+_default_factory: ReporterFactory | None = None
+
+
+def set_default_reporter_factory(factory: ReporterFactory | None) -> None:
+    """Choose what ``progress=None`` (the default) shows, e.g. a Jupyter widget.
+
+    The factory returns a reporter, or None to fall back to the terminal rule.
+    """
+    global _default_factory
+    _default_factory = factory
+
+
+class TqdmReporter:
+    """A tqdm bar on stderr: done items, with failures and retries in the postfix."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def start(self, counts: ProgressCounts, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=counts.total, desc=description, unit="item", leave=True)
+
+    def update(self, counts: ProgressCounts) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(counts.done + counts.failed - self._bar.n)
+        if counts.failed or counts.retried:
+            self._bar.set_postfix(failed=counts.failed, retried=counts.retried, refresh=False)
+
+    def close(self, counts: ProgressCounts) -> None:
+        if self._bar is not None:
+            self.update(counts)
+            self._bar.close()
+            self._bar = None
+
+
+def make_reporter(progress: Any) -> ProgressReporter | None:
+    """Turn the ``progress=`` argument into a reporter (or None for no progress).
+
+    ``False``: none. ``True``: the default display. ``None``: the default display when there
+    is one to show on (a registered widget factory, or a terminal on stderr). A reporter
+    object or a factory returning one is used as given.
+    """
+    if progress is False:
+        return None
+    if isinstance(progress, ProgressReporter):
+        return progress
+    if callable(progress):
+        reporter: ProgressReporter | None = progress()
+        return reporter
+    if _default_factory is not None:
+        reporter = _default_factory()
+        if reporter is not None:
+            return reporter
+    if progress is True or _stderr_is_terminal():
+        return TqdmReporter()
+    return None
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,74 @@
+"""The provider interface: how a pool gets, lists and gives back its nodes.
+
+A provider subclasses :class:`Provider` and implements five methods; it is told the
+scheduler's address and returns nodes whose node agent connects slots to it. Everything
+else (scheduling, batching, retries, node-state merging, widgets) comes free from the pool.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..nodes import ProviderNode
+
+StartTask = str | Callable[[], Any] | None
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The provider-independent description of a pool.
+
+    ``start_task`` is a shell command or a Python callable run on each node before its slots
+    join; ``env`` is added to the environment of the start task and every slot.
+    """
+
+    nodes: int
+    slots_per_node: int = 1
+    start_task: StartTask = None
+    start_task_timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Provider(abc.ABC):
+    """Makes, lists, resizes and removes a pool's nodes.
+
+    Subclasses provide ``start``, ``add_nodes``, ``remove_nodes``, ``list_nodes`` and
+    ``close``. They must map their native node states onto the provider states of
+    :class:`cloudmap.nodes.ProviderNode` and must leave nothing running after ``close``.
+    """
+
+    #: The registry name, e.g. "local" or "azure".
+    name: ClassVar[str]
+
+    def __init__(self, spec: PoolSpec, **options: Any) -> None:
+        if options:
+            unknown = ", ".join(sorted(options))
+            raise TypeError(f"the {self.name!r} provider takes no option(s) {unknown}")
+        self.spec = spec
+
+    @abc.abstractmethod
+    def start(self, scheduler_address: str) -> None:
+        """Begin making the pool's initial nodes; return without waiting for them."""
+
+    @abc.abstractmethod
+    def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
+        """Begin making ``count`` more nodes; return their ids."""
+
+    @abc.abstractmethod
+    def remove_nodes(self, node_ids: Sequence[str]) -> None:
+        """Stop and remove nodes; their running tasks are lost to the pool (and requeued)."""
+
+    @abc.abstractmethod
+    def list_nodes(self) -> list[ProviderNode]:
+        """Every node the provider holds, in the provider's terms."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Remove every node and free every resource; idempotent."""
+
+    def describe(self) -> str:
+        """A short human description for reprs, e.g. ``local processes``."""
+        return self.name

@@ -1,0 +1,250 @@
+"""What a slot does with one task: unpack the batch, call the function per item, pack results.
+
+This module runs inside the slot's worker process. Each item's exception is caught and
+sent back on its own, so one bad item never costs its neighbours' results. With a
+per-item ``timeout``, a watchdog thread ends the whole slot process when an item overruns
+(a Python thread cannot be stopped any other way); before it does, it sends the items
+finished so far and the culprit's index to the client as a Dask event, and the node agent
+starts a fresh slot process in its place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .errors import TaskTimeoutError
+from .payload import (
+    CALL_ARGS,
+    CALL_ONE,
+    CALL_STAR,
+    TIMEOUT_TOPIC,
+    BatchResult,
+    RemoteError,
+    dump_result,
+    load_batch,
+)
+
+#: Exit status of a slot process ended by the timeout watchdog (the node agent restarts it).
+TIMEOUT_EXIT_CODE = 75
+#: How often a long batch checks whether its task was cancelled (Ctrl-C on the client).
+CANCEL_CHECK_SECONDS = 0.05
+
+_functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+_functions_lock = threading.Lock()
+
+
+def load_function(fn_blob: bytes) -> Callable[..., Any]:
+    """Unpickle a map's function once per slot process, not once per task."""
+    digest = hashlib.blake2b(fn_blob, digest_size=16).digest()
+    with _functions_lock:
+        fn = _functions.get(digest)
+        if fn is not None:
+            _functions.move_to_end(digest)
+            return fn
+    fn = cloudpickle.loads(fn_blob)
+    with _functions_lock:
+        _functions[digest] = fn
+        while len(_functions) > 16:
+            _functions.popitem(last=False)
+    return fn
+
+
+def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
+    """The Dask task of every map, imap and submit: run one batch, return one result blob."""
+    started = time.perf_counter()
+    batch = load_batch(batch_blob)
+    context = _TaskContext.current()
+    try:
+        fn = load_function(fn_blob)
+    except BaseException as exc:  # the function's module may be missing on the node
+        error = RemoteError.from_exception(exc)
+        errors = dict.fromkeys(range(len(batch.items)), error)
+        values: list[Any] = [None] * len(batch.items)
+        return dump_result(BatchResult(context.worker, 0.0, values, errors, len(values)))
+    values, errors, completed = _call_items(fn, batch, context)
+    elapsed = time.perf_counter() - started
+    return dump_result(BatchResult(context.worker, elapsed, values, errors, completed))
+
+
+def _call_items(
+    fn: Callable[..., Any], batch: Any, context: _TaskContext
+) -> tuple[list[Any], dict[int, RemoteError], int]:
+    items = batch.items
+    count = len(items)
+    values: list[Any] = []
+    errors: dict[int, RemoteError] = {}
+    if batch.call == CALL_ONE and batch.seed is None and batch.timeout is None:
+        # Fast path for tiny functions: no per-item bookkeeping. On the first exception,
+        # record it and let the careful loop below carry on after that item, so that no
+        # item is ever called twice.
+        append = values.append
+        try:
+            for item in items:
+                append(fn(item))
+        except BaseException as exc:
+            errors[len(values)] = RemoteError.from_exception(exc)
+            append(None)
+        else:
+            return values, errors, count
+    start = len(values)
+    values.extend([None] * (count - start))
+    rng_for = _rng_factory(batch.seed)
+    watchdog = _Watchdog.shared() if batch.timeout is not None else None
+    next_cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
+    for position in range(start, count):
+        now = time.monotonic()
+        if now >= next_cancel_check:
+            next_cancel_check = now + CANCEL_CHECK_SECONDS
+            if context.cancelled():
+                return values, errors, position
+        item = items[position]
+        kwargs: dict[str, Any] = {}
+        if rng_for is not None:
+            kwargs["rng"] = rng_for(batch.indices[position])
+        if watchdog is not None:
+            watchdog.arm(context, position, batch.timeout, values, errors)
+        try:
+            if batch.call == CALL_ONE:
+                values[position] = fn(item, **kwargs)
+            elif batch.call == CALL_STAR:
+                values[position] = fn(*item, **kwargs)
+            elif batch.call == CALL_ARGS:
+                args, call_kwargs = item
+                values[position] = fn(*args, **call_kwargs, **kwargs)
+        except BaseException as exc:  # SystemExit from user code must not end the slot
+            errors[position] = RemoteError.from_exception(exc)
+        finally:
+            if watchdog is not None:
+                watchdog.disarm()
+    return values, errors, count
+
+
+def exit_slot() -> None:
+    """End this slot process at once (run by the client through ``Client.run``).
+
+    Used to free a slot whose task was cancelled while it runs one long item; the node
+    agent starts a fresh slot process in its place.
+    """
+    os._exit(TIMEOUT_EXIT_CODE)
+
+
+def _rng_factory(seed: int | None) -> Callable[[int], Any] | None:
+    if seed is None:
+        return None
+    from .seeding import item_rng
+
+    return lambda index: item_rng(seed, index)
+
+
+class _TaskContext:
+    """Who is running this task: the Dask worker and task key, when inside a worker."""
+
+    def __init__(self, worker: Any, key: Any) -> None:
+        self._worker = worker
+        self.key = key
+        self.worker = getattr(worker, "name", None) if worker is not None else None
+
+    @classmethod
+    def current(cls) -> _TaskContext:
+        try:
+            from distributed.worker import get_worker, thread_state
+
+            return cls(get_worker(), getattr(thread_state, "key", None))
+        except (ImportError, ValueError):
+            return cls(None, None)  # called outside a Dask worker (unit tests, debugging)
+
+    def cancelled(self) -> bool:
+        """True once the client has cancelled this task (the slot then stops early)."""
+        if self._worker is None or self.key is None:
+            return False
+        task = self._worker.state.tasks.get(self.key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+    def send_event(self, topic: str, message: dict[str, Any]) -> None:
+        if self._worker is not None:
+            self._worker.log_event(topic, message)
+
+
+class _Watchdog:
+    """One thread per slot process that ends the process when an item overruns its timeout."""
+
+    _instance: _Watchdog | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._deadline: float | None = None
+        self._armed: tuple[_TaskContext, int, float, list[Any], dict[int, RemoteError]] | None
+        self._armed = None
+        threading.Thread(target=self._watch, name="cloudmap-timeout-watchdog", daemon=True).start()
+
+    @classmethod
+    def shared(cls) -> _Watchdog:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def arm(
+        self,
+        context: _TaskContext,
+        position: int,
+        timeout: float,
+        values: list[Any],
+        errors: dict[int, RemoteError],
+    ) -> None:
+        with self._condition:
+            self._armed = (context, position, timeout, values, errors)
+            self._deadline = time.monotonic() + timeout
+            self._condition.notify()
+
+    def disarm(self) -> None:
+        with self._condition:
+            self._armed = None
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            with self._condition:
+                while self._deadline is None:
+                    self._condition.wait()
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._condition.wait(remaining)
+                    continue
+                armed = self._armed
+            if armed is not None:
+                self._end_process(*armed)
+
+    @staticmethod
+    def _end_process(
+        context: _TaskContext,
+        position: int,
+        timeout: float,
+        values: list[Any],
+        errors: dict[int, RemoteError],
+    ) -> None:
+        overrun = TaskTimeoutError(
+            f"the item ran longer than timeout={timeout:g} s; its slot process was ended "
+            "and replaced"
+        )
+        partial_errors = {p: e for p, e in errors.items() if p < position}
+        partial_errors[position] = RemoteError.from_exception(overrun)
+        partial = BatchResult(
+            context.worker, timeout, values[:position] + [None], partial_errors, position + 1
+        )
+        try:
+            context.send_event(
+                TIMEOUT_TOPIC, {"key": str(context.key), "result": dump_result(partial)}
+            )
+            time.sleep(0.3)  # let the batched stream carry the event before the process ends
+        finally:
+            os._exit(TIMEOUT_EXIT_CODE)
