@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 #: (a few milliseconds), short enough to balance load and report progress smoothly.
 TARGET_SECONDS = 0.25
 #: Upper bound on items per task, so one task's payload stays small in memory.
-MAX_ITEMS = 100_000
-#: Before any timing is known, each batch may be at most this many times the largest
-#: batch already timed: a slow function is never handed a huge first batch.
-GROWTH = 16
+MAX_ITEMS = 250_000
+#: A batch may be at most this many times the largest batch already timed: a function
+#: whose first items happened to be quick is never handed a huge batch on that evidence.
+GROWTH = 256
+#: Near the end, batches shrink for balance, but never below this fraction of the target:
+#: for tiny items, many tiny tail tasks would cost more than the imbalance they avoid.
+TAIL_FRACTION = 0.125
 
 
 @dataclass
@@ -29,13 +32,14 @@ class BatchSizer:
     1
     >>> sizer.observe(items=1, seconds=0.001)
     >>> sizer.next_size(slots=2, remaining=1000)
-    16
+    250
     """
 
     target_seconds: float = TARGET_SECONDS
     fixed: int | None = None
     max_items: int = MAX_ITEMS
     growth: int = GROWTH
+    tail_fraction: float = TAIL_FRACTION
     _seconds_per_item: float | None = field(default=None, init=False)
     _largest_timed: int = field(default=0, init=False)
 
@@ -69,7 +73,9 @@ class BatchSizer:
             if remaining is not None:
                 # Guided self-scheduling: never more than a share of what is left, so the
                 # last tasks are small and finish together on all slots.
-                size = min(size, math.ceil(remaining / (2 * max(slots, 1))))
+                share = math.ceil(remaining / (2 * max(slots, 1)))
+                floor = int(self.tail_fraction * self.target_seconds / per_item)
+                size = min(size, max(share, floor))
         if remaining is not None:
             size = min(size, remaining)
         return max(1, size)

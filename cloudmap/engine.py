@@ -83,6 +83,9 @@ class _Task:
         self.refs = refs
         self.future: Future | None = None
 
+    def size(self) -> int:
+        return len(self.refs) if self.refs is not None else len(self.batch.items)  # type: ignore[union-attr]
+
     def positions(self) -> list[tuple[_SourceBatch, int]]:
         if self.refs is not None:
             return self.refs
@@ -249,28 +252,20 @@ class MapEngine:
         task.future = self._cluster.submit_batch(self._fn_blob, blob, self._label)
         self._tasks[task.future.key] = task
         self._counts.in_flight += len(items)
-        task.future.add_done_callback(partial(self._on_done, task))
+        self._cluster.on_result(task.future, partial(self._on_done, task))
 
-    def _on_done(self, task: _Task, future: Future) -> None:
-        """Runs on Dask's callback thread: fetch the result there, hand it to the engine."""
-        try:
-            if future.status == "finished":
-                self._done.put((task, "ok", future.result()))
-            elif future.status == "cancelled":
-                self._done.put((task, "cancelled", None))
-            else:
-                self._done.put((task, "error", future.exception()))
-        except BaseException as exc:
-            self._done.put((task, "error", exc))
+    def _on_done(self, task: _Task, future: Future, kind: str, value: Any) -> None:
+        """Runs on Dask's event loop: hand the outcome to the engine's thread."""
+        self._done.put((task, kind, value))
 
     # -- receiving ----------------------------------------------------------------------
 
     def _handle(self, task: _Task, kind: str, payload: Any) -> None:
-        positions = task.positions()
-        self._counts.in_flight -= len(positions)
+        self._counts.in_flight -= task.size()
         if kind == "ok":
-            self._take_result(task, positions, load_result(payload))
+            self._take_result(task, load_result(payload))
             return
+        positions = task.positions()
         if self._is_closed():
             raise PoolClosedError("the pool was closed while this map was running")
         partial_blob = None
@@ -278,9 +273,7 @@ class MapEngine:
             partial_blob = self._wait_for_timeout_record(str(task.future.key) if task.future else "")
         if partial_blob is not None:
             result = load_result(partial_blob)
-            self._take_result(task, positions[: result.completed], result)
-            for batch, position in positions[result.completed :]:
-                self._retry.append((batch, position, False))
+            self._take_result(task, result)  # requeues the items after the culprit
             return
         worker = _last_worker(payload)
         if len(positions) == 1:
@@ -301,9 +294,7 @@ class MapEngine:
                 return blob
             time.sleep(0.02)
 
-    def _take_result(
-        self, task: _Task, positions: list[tuple[_SourceBatch, int]], result: BatchResult
-    ) -> None:
+    def _take_result(self, task: _Task, result: BatchResult) -> None:
         self._sizer.observe(result.completed, result.compute_seconds)
         batch = task.batch
         if batch is not None and not result.errors and result.completed == len(batch.items):
@@ -313,7 +304,7 @@ class MapEngine:
             if not self._ordered:
                 self._emitted.append((batch.indices, result.values))
             return
-        for offset, (source, position) in enumerate(positions):
+        for offset, (source, position) in enumerate(task.positions()):
             if offset >= result.completed:
                 self._retry.append((source, position, False))  # cancelled mid-batch
                 continue

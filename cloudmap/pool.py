@@ -407,6 +407,7 @@ def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:
 
 def _teardown(provider: Provider | None, cluster: DaskCluster) -> None:
     try:
+        cluster.close_client()  # first, so no future holds results on nodes being removed
         if provider is not None:
             provider.close()
     finally:

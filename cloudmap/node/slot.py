@@ -22,6 +22,9 @@ async def serve(scheduler: str, name: str, directory: str) -> None:
         local_directory=directory,
         death_timeout=60,
     ) as worker:
+        stream = getattr(worker, "batched_stream", None)
+        if stream is not None and hasattr(stream, "interval"):
+            stream.interval = 0.001  # see cloudmap.cluster.BATCH_INTERVAL
         await worker.finished()
 
 
