@@ -37,7 +37,28 @@ _EXPORTS = {
     "WorkerLostError": "cloudmap.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CloudmapError",
+    "Future",
+    "InputError",
+    "NoNodesError",
+    "NodeInfo",
+    "NodeState",
+    "Pool",
+    "PoolClosedError",
+    "PoolExecutor",
+    "PoolStartError",
+    "ProgressCounts",
+    "ProgressReporter",
+    "RemoteException",
+    "SerializationError",
+    "StartTaskInfo",
+    "TaskError",
+    "TaskTimeoutError",
+    "UnknownProviderError",
+    "WorkerLostError",
+    "item_rng",
+]
 
 if TYPE_CHECKING:
     from .errors import (

@@ -83,7 +83,9 @@ class DaskCluster:
         ``deliver(future, kind, value)`` with kind "ok" (value: the result), "cancelled" or
         "error" (value: the exception). Fetches overlap, unlike blocking ``result()`` calls.
         """
-        self.client.loop.add_callback(self._fetch, future, deliver)
+        loop = self.client.loop
+        assert loop is not None, "the client has no event loop: is it closed?"
+        loop.add_callback(self._fetch, future, deliver)
 
     async def _fetch(self, future: Future, deliver: Callable[[Future, str, Any], None]) -> None:
         try:
@@ -176,8 +178,7 @@ class _ShortWorkerStreams(SchedulerPlugin):
 
 def _slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:
     return [
-        (str(ws.name), ws.address, len(ws.processing))
-        for ws in dask_scheduler.workers.values()
+        (str(ws.name), ws.address, len(ws.processing)) for ws in dask_scheduler.workers.values()
     ]
 
 

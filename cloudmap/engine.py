@@ -166,9 +166,10 @@ class MapEngine:
                 except queue.Empty:
                     self._check_alive(deadline)
                     continue
-                if task.future is None or task.future.key not in self._tasks:
+                key = str(task.future.key) if task.future is not None else ""
+                if key not in self._tasks:
                     continue  # a task we already gave up on
-                del self._tasks[task.future.key]
+                del self._tasks[key]
                 self._handle(task, kind, payload)
                 yield from self._ready()
                 self._refill()
@@ -189,11 +190,11 @@ class MapEngine:
         """Results computed but not yet handed out, by item index (attached to errors)."""
         results: dict[int, Any] = {}
         for batch in self._open:
-            for index, value in zip(batch.indices, batch.values):
+            for index, value in zip(batch.indices, batch.values, strict=True):
                 if value is not _MISSING and value is not SKIPPED:
                     results[index] = value
         for indices, values in self._emitted:
-            for index, value in zip(indices, values):
+            for index, value in zip(indices, values, strict=True):
                 if value is not SKIPPED:
                     results[index] = value
         return results
@@ -250,7 +251,7 @@ class MapEngine:
             exc.results = self.buffered_results()
             raise
         task.future = self._cluster.submit_batch(self._fn_blob, blob, self._label)
-        self._tasks[task.future.key] = task
+        self._tasks[str(task.future.key)] = task
         self._counts.in_flight += len(items)
         self._cluster.on_result(task.future, partial(self._on_done, task))
 
@@ -270,7 +271,8 @@ class MapEngine:
             raise PoolClosedError("the pool was closed while this map was running")
         partial_blob = None
         if isinstance(payload, KilledWorker) and self._timeout is not None:
-            partial_blob = self._wait_for_timeout_record(str(task.future.key) if task.future else "")
+            key = str(task.future.key) if task.future is not None else ""
+            partial_blob = self._wait_for_timeout_record(key)
         if partial_blob is not None:
             result = load_result(partial_blob)
             self._take_result(task, result)  # requeues the items after the culprit
@@ -397,7 +399,7 @@ def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], i
                 f"argument {number} after the function is a {type(iterable).__name__}, which "
                 "is not iterable; pass a list, range, array or generator of items"
             ) from None
-    lengths = []
+    lengths: list[int | None] = []
     for iterable in iterables:
         try:
             lengths.append(len(iterable))  # type: ignore[arg-type]

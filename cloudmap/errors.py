@@ -103,8 +103,7 @@ class TaskError(CloudmapError):
         where = f" on {worker}" if worker else ""
         tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
         message = (
-            f"item {index} failed{where} after {tries}: "
-            f"{type(exception).__name__}: {exception}"
+            f"item {index} failed{where} after {tries}: {type(exception).__name__}: {exception}"
         )
         if remote_traceback:
             message += "\n\nRemote traceback:\n" + remote_traceback.rstrip()

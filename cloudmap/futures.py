@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 
-class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+class Future(concurrent.futures.Future[Any]):
     """The result of ``pool.submit``: a standard Future backed by one task on the pool.
 
     Its exception, when the function raised, is a :class:`cloudmap.TaskError` whose
@@ -98,7 +98,7 @@ class PoolExecutor(concurrent.futures.Executor):
         self._pool = pool
         self._map_options = map_options
         self._shutdown = False
-        self._futures: set[Future] = set()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -112,7 +112,7 @@ class PoolExecutor(concurrent.futures.Executor):
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
-            self._futures.discard(future)  # type: ignore[arg-type]
+            self._futures.discard(future)
 
     def map(
         self,

@@ -1,4 +1,4 @@
-"""Node states and the pool's merged view of a node (provider's word before workers, scheduler's after).
+"""Node states, and the pool's view of a node: the provider's word merged with the scheduler's.
 
 Kept free of heavy imports: the node agent imports it to name its slots.
 """

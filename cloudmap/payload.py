@@ -85,7 +85,7 @@ def dump_batch(batch: Batch) -> bytes:
 
 
 def load_batch(blob: bytes) -> Batch:
-    return pickle.loads(blob)  # type: ignore[no-any-return]
+    return pickle.loads(blob)
 
 
 def dump_result(result: BatchResult) -> bytes:
@@ -110,7 +110,7 @@ def dump_result(result: BatchResult) -> bytes:
 
 
 def load_result(blob: bytes) -> BatchResult:
-    return pickle.loads(blob)  # type: ignore[no-any-return]
+    return pickle.loads(blob)
 
 
 def dump_function(fn: Any) -> bytes:
@@ -139,7 +139,7 @@ def dump_items_batch(batch: Batch) -> bytes:
     except Exception as exc:
         from .errors import SerializationError
 
-        for index, item in zip(batch.indices, batch.items):
+        for index, item in zip(batch.indices, batch.items, strict=True):
             try:
                 cloudpickle.dumps(item)
             except Exception as item_exc:

@@ -239,7 +239,7 @@ class _Watchdog:
         partial_errors = {p: e for p, e in errors.items() if p < position}
         partial_errors[position] = RemoteError.from_exception(overrun)
         partial = BatchResult(
-            context.worker, timeout, values[:position] + [None], partial_errors, position + 1
+            context.worker, timeout, [*values[:position], None], partial_errors, position + 1
         )
         try:
             context.send_event(

@@ -1,4 +1,4 @@
-"""Per-item random generators: the same numbers for an item whatever node, batch or attempt runs it."""
+"""Per-item random generators: an item gets the same numbers whatever node or batch runs it."""
 
 from __future__ import annotations
 

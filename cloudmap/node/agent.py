@@ -98,7 +98,12 @@ class NodeAgent:
         with (startup / "stdout.txt").open("wb") as out, (startup / "stderr.txt").open("wb") as err:
             try:
                 process = subprocess.Popen(
-                    argv, cwd=startup, env=self.env, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+                    argv,
+                    cwd=startup,
+                    env=self.env,
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
                 )
             except OSError as exc:
                 err.write(f"cannot start the start task {argv!r}: {exc}\n".encode())
@@ -127,7 +132,14 @@ class NodeAgent:
         directory.mkdir(exist_ok=True)
         with (self.layout.slots / f"slot-{slot}.log").open("ab") as log:
             self._slots[slot] = subprocess.Popen(
-                [sys.executable, "-m", "cloudmap.node.slot", self.config.scheduler, name, str(directory)],
+                [
+                    sys.executable,
+                    "-m",
+                    "cloudmap.node.slot",
+                    self.config.scheduler,
+                    name,
+                    str(directory),
+                ],
                 cwd=self.layout.tasks,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

@@ -1,4 +1,4 @@
-"""A node's directory layout and the environment variables that expose it, like Batch's AZ_BATCH_NODE_*."""
+"""A node's directories and the variables that expose them, like Batch's AZ_BATCH_NODE_*."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class NodeLayout:
 
     def read_state(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.root / STATE_FILE).read_text())  # type: ignore[no-any-return]
+            return json.loads((self.root / STATE_FILE).read_text())
         except (OSError, ValueError):
             return None
 

@@ -7,6 +7,7 @@ holds a pipe from us on its stdin and stops when it closes, so nodes die with th
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -148,10 +149,8 @@ class LocalProvider(Provider):
             _close_quietly(node.process.stdin)
         deadline = time.monotonic() + STOP_GRACE + 2.0
         for node in nodes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 node.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             _kill_tree(node.process)
 
     def close(self) -> None:
@@ -188,8 +187,6 @@ def _close_quietly(stream: Any) -> None:
 
 def _kill_tree(process: subprocess.Popen[bytes]) -> None:
     """Kill the node's whole session (agent, start task, slots), then reap the agent."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     process.wait()
