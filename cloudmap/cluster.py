@@ -7,7 +7,6 @@ nodes are made.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import threading
@@ -17,6 +16,7 @@ from asyncio import CancelledError
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import dask
 from distributed import Client, Future, Scheduler, SchedulerPlugin, SpecCluster
 
 from .nodes import node_of
@@ -31,6 +31,9 @@ class _DropKilledWorkerNoise(logging.Filter):
         return "marked as failed because" not in str(record.msg)
 
 
+_KILLED_WORKER_NOISE = _DropKilledWorkerNoise()
+
+
 class DaskCluster:
     """A scheduler on ``host`` and a client connected to it.
 
@@ -39,9 +42,26 @@ class DaskCluster:
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        dashboard = ":0" if importlib.util.find_spec("bokeh") else None
-        logging.getLogger("distributed.scheduler").addFilter(_DropKilledWorkerNoise())
-        self._cluster = SpecCluster(
+        logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
+        # worker-saturation 1.0: a slot holds only the task it runs, none queued behind it,
+        # so when a slot dies only that task is reported lost (never an innocent neighbour).
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            self._cluster = self._start_scheduler(host)
+        self.client = Client(self._cluster, direct_to_workers=True)
+        _shorten_batching_intervals(self.client, self._cluster.scheduler)
+        self._timeouts: dict[str, bytes] = {}
+        self._timeouts_lock = threading.Lock()
+        self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
+        self._slot_count = (0.0, 0)
+        self._task_ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+
+    @staticmethod
+    def _start_scheduler(host: str) -> SpecCluster:
+        # The scheduler's HTTP server (dashboard when bokeh is installed, health routes
+        # always) gets a free port on the scheduler's host, never a fixed public one.
+        dashboard = f"{host}:0"
+        return SpecCluster(
             scheduler={
                 "cls": Scheduler,
                 "options": {
@@ -56,14 +76,6 @@ class DaskCluster:
             silence_logs=logging.WARNING,
             name="cloudmap",
         )
-        self.client = Client(self._cluster, direct_to_workers=True)
-        _shorten_batching_intervals(self.client, self._cluster.scheduler)
-        self._timeouts: dict[str, bytes] = {}
-        self._timeouts_lock = threading.Lock()
-        self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
-        self._slot_count = (0.0, 0)
-        self._task_ids = itertools.count()
-        self._prefix = uuid.uuid4().hex[:8]
 
     @property
     def scheduler_address(self) -> str:
@@ -112,7 +124,7 @@ class DaskCluster:
         checked, count = self._slot_count
         now = time.monotonic()
         if now - checked > max_age:
-            count = len(self.client.scheduler_info(n_workers=-1)["workers"])
+            count = len(self.client.run_on_scheduler(_worker_addresses))
             self._slot_count = (now, count)
         return count
 
@@ -135,6 +147,16 @@ class DaskCluster:
         self.client.cancel(futures, force=True)
         if workers:
             self.client.run(exit_slot, workers=list(workers), wait=False)
+            self._wait_until_gone(workers)
+
+    def _wait_until_gone(self, workers: set[str], timeout: float = 10.0) -> None:
+        """Return once the scheduler has dropped the ended slots, so that no new task is
+        handed to a slot that is already dead (its replacement joins under the same name)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not workers & set(self.client.run_on_scheduler(_worker_addresses)):
+                return
+            time.sleep(0.02)
 
     def close_client(self) -> None:
         """Drop the client (and with it every future) before the nodes go away."""
@@ -180,6 +202,10 @@ def _slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:
     return [
         (str(ws.name), ws.address, len(ws.processing)) for ws in dask_scheduler.workers.values()
     ]
+
+
+def _worker_addresses(dask_scheduler: Scheduler) -> list[str]:
+    return list(dask_scheduler.workers)
 
 
 def _workers_processing(keys: list[str], dask_scheduler: Scheduler) -> set[str]:

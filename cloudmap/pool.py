@@ -161,6 +161,13 @@ class Pool:
         return self._cluster.scheduler_address
 
     @property
+    def status(self) -> Any:
+        """Dask's ``Status`` of the pool, which ``distributed.Client(pool)`` checks."""
+        from distributed.core import Status
+
+        return Status.closed if self._closed else Status.running
+
+    @property
     def dashboard_link(self) -> str | None:
         return self._cluster.dashboard_link
 
@@ -213,10 +220,11 @@ class Pool:
 
     def _slots(self) -> int:
         """Slots to plan batches for: connected ones, or those on the way while nodes start."""
+        provider = self._provider()
         connected = self._cluster.slot_count()
         if connected:
             return connected
-        nodes = self._provider().list_nodes()
+        nodes = provider.list_nodes()
         coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES)
         if not coming:
             raise NoNodesError(

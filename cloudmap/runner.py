@@ -127,9 +127,10 @@ def _call_items(
     return values, errors, count
 
 
-def exit_slot() -> None:
+async def exit_slot() -> None:
     """End this slot process at once (run by the client through ``Client.run``).
 
+    A coroutine, because Dask runs only coroutines without waiting for a reply.
     Used to free a slot whose task was cancelled while it runs one long item; the node
     agent starts a fresh slot process in its place.
     """

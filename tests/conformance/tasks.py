@@ -1,0 +1,83 @@
+"""Functions the conformance tests run on the pool's nodes (importable there, kept light)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+def draw(x: int, rng: np.random.Generator) -> float:
+    return float(rng.random() + x)
+
+
+def no_rng(x: int) -> int:
+    return x
+
+
+def log_call(x: int, log: str) -> int:
+    """Append one line per call to ``log`` (O_APPEND: safe across processes)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{x}\n".encode())
+    finally:
+        os.close(fd)
+    return x
+
+
+def fail_on(x: int, bad: frozenset[int] = frozenset({3})) -> int:
+    if x in bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def fail_once(x: int, directory: str) -> int:
+    """Fail the first attempt of each odd item, succeed on the next."""
+    marker = Path(directory) / f"{x}.tried"
+    if x % 2 and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"first attempt of {x}")
+    return x
+
+
+def hang_on(x: int, directory: str, hang: int = 3) -> int:
+    """Item ``hang`` records its pid and sleeps far past any test's timeout."""
+    if x == hang:
+        (Path(directory) / "hung.pid").write_text(str(os.getpid()))
+        time.sleep(600)
+    return x
+
+
+def crash_on(x: int, crash: int = 5) -> int:
+    if x == crash:
+        os._exit(13)
+    return x
+
+
+def sleep_then(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x
+
+
+def node_environment(_: object) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("CLOUDMAP_")}
+
+
+def read_shared(name: str) -> str:
+    return (Path(os.environ["CLOUDMAP_NODE_SHARED_DIR"]) / name).read_text().strip()
+
+
+def write_shared_marker() -> None:
+    """A Python start task: leaves a marker in the node's shared directory."""
+    (Path(os.environ["CLOUDMAP_NODE_SHARED_DIR"]) / "python-marker").write_text("from python")
+    print("start task ran")

@@ -1,0 +1,92 @@
+"""Timeouts, crashes and Ctrl-C: each frees its slot and leaves the pool usable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import psutil
+import pytest
+
+import cloudmap
+
+from . import tasks
+
+
+@pytest.fixture
+def own_pool(provider: str) -> Iterator[cloudmap.Pool]:
+    """A pool for one test that kills or restarts slots."""
+    with cloudmap.Pool(provider, nodes=2, slots_per_node=1) as pool:
+        pool.wait_for_nodes()
+        yield pool
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_timeout_kills_the_item_and_the_slot_comes_back(
+    own_pool: cloudmap.Pool, tmp_path: Path
+) -> None:
+    fn = partial(tasks.hang_on, directory=str(tmp_path))
+    started = time.monotonic()
+    results = own_pool.map(fn, range(8), timeout=1.0, on_error="return", batch_size=4)
+    assert time.monotonic() - started < 30
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+    error = results[3]
+    assert isinstance(error, cloudmap.TaskError)
+    assert isinstance(error.exception, cloudmap.TaskTimeoutError)
+    assert error.attempts == 1
+    assert _wait_gone(int((tmp_path / "hung.pid").read_text())), "the hung slot still runs"
+    own_pool.wait_for_nodes(timeout=30)
+    assert own_pool.map(tasks.square, range(100)) == [x * x for x in range(100)]
+
+
+def test_timeout_with_retries_tries_again_then_reports_attempts(
+    own_pool: cloudmap.Pool, tmp_path: Path
+) -> None:
+    fn = partial(tasks.hang_on, directory=str(tmp_path), hang=0)
+    with pytest.raises(cloudmap.TaskError) as caught:
+        own_pool.map(fn, range(3), timeout=0.5, retries=1)
+    assert caught.value.attempts == 2
+    assert isinstance(caught.value.exception, cloudmap.TaskTimeoutError)
+
+
+def test_a_crashing_item_is_isolated_and_its_neighbours_survive(
+    own_pool: cloudmap.Pool,
+) -> None:
+    results = own_pool.map(tasks.crash_on, range(40), batch_size=10, on_error="return")
+    assert [r for i, r in enumerate(results) if i != 5] == [i for i in range(40) if i != 5]
+    assert isinstance(results[5], cloudmap.TaskError)
+    assert isinstance(results[5].exception, cloudmap.WorkerLostError)
+    own_pool.wait_for_nodes(timeout=30)
+    assert own_pool.map(tasks.square, range(10)) == [x * x for x in range(10)]
+
+
+def test_ctrl_c_cancels_the_map_frees_slots_and_keeps_the_pool(
+    own_pool: cloudmap.Pool,
+) -> None:
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            own_pool.map(partial(tasks.sleep_then, seconds=60), range(20), batch_size=1)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 10
+    # The slots that ran 60-second items were restarted, so new work runs at once.
+    own_pool.wait_for_nodes(timeout=30)
+    started = time.monotonic()
+    assert own_pool.map(tasks.square, range(10)) == [x * x for x in range(10)]
+    assert time.monotonic() - started < 20

@@ -1,0 +1,59 @@
+"""Start tasks: they run before a node's slots join, and a failure is shown, not hidden."""
+
+from __future__ import annotations
+
+import pytest
+
+import cloudmap
+from cloudmap.nodes import NodeState
+
+from .. import conftest as session
+from . import tasks
+
+
+def test_shell_start_task_runs_before_slots_join(provider: str) -> None:
+    command = 'echo "from shell" > "$CLOUDMAP_NODE_SHARED_DIR/marker"; echo hello from $GREETING'
+    with cloudmap.Pool(provider, nodes=1, start_task=command, env={"GREETING": "env"}) as pool:
+        assert pool.map(tasks.read_shared, ["marker"]) == ["from shell"]
+        (node,) = pool.nodes()
+        assert node.start_task is not None
+        assert node.start_task.exit_code == 0
+        assert node.start_task.stdout.strip() == "hello from env"
+
+
+def test_python_start_task_runs_on_every_node(provider: str) -> None:
+    with cloudmap.Pool(provider, nodes=2, start_task=tasks.write_shared_marker) as pool:
+        pool.wait_for_nodes()
+        assert pool.map(tasks.read_shared, ["python-marker"] * 4) == ["from python"] * 4
+        assert all("start task ran" in n.start_task.stdout for n in pool.nodes())  # type: ignore[union-attr]
+
+
+def test_failing_start_task_raises_with_its_output_and_leaves_nothing(provider: str) -> None:
+    with pytest.raises(cloudmap.PoolStartError) as caught:
+        cloudmap.Pool(provider, nodes=2, start_task="echo cannot install >&2; exit 3")
+    error = caught.value
+    assert "cannot install" in str(error)
+    assert len(error.nodes) == 2
+    for node in error.nodes:
+        assert node.state == "start_failed"
+        assert node.start_task.exit_code == 3
+        assert "cannot install" in node.start_task.stderr
+    assert session.cloudmap_processes() == []
+
+
+def test_one_failed_node_is_shown_while_the_others_work(provider: str) -> None:
+    command = 'if [ "$CLOUDMAP_NODE_ID" = node-1 ]; then echo disk full >&2; exit 1; fi'
+    with cloudmap.Pool(provider, nodes=2, start_task=command) as pool:
+        pool.wait_for_nodes(count=1)
+        assert pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
+        states = {n.id: n for n in pool.nodes()}
+        assert states["node-1"].state == NodeState.START_FAILED
+        assert states["node-1"].start_task is not None
+        assert "disk full" in states["node-1"].start_task.stderr
+        assert states["node-0"].state in (NodeState.IDLE, NodeState.RUNNING)
+
+
+def test_start_deadline_raises_and_removes_the_nodes(provider: str) -> None:
+    with pytest.raises(cloudmap.PoolStartError, match="start_timeout"):
+        cloudmap.Pool(provider, nodes=1, start_task="sleep 60", start_timeout=1.0)
+    assert session.cloudmap_processes() == []
