@@ -1,0 +1,61 @@
+"""The batching rule, with plain numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloudmap.batching import MAX_ITEMS, BatchSizer
+
+
+def sized(observations: list[tuple[int, float]], **options: object) -> BatchSizer:
+    sizer = BatchSizer(**options)  # type: ignore[arg-type]
+    for items, seconds in observations:
+        sizer.observe(items, seconds)
+    return sizer
+
+
+@pytest.mark.parametrize(
+    ("observations", "slots", "remaining", "expected"),
+    [
+        # Nothing timed yet: one item per task, so a slow function is never over-batched.
+        ([], 4, 1_000_000, 1),
+        ([], 4, None, 1),
+        # 1 ms items: a 0.25 s task holds 250 items.
+        ([(1, 0.001)], 2, 1_000_000, 250),
+        # Growth is capped relative to the largest batch timed: 1 -> 256 at most.
+        ([(1, 1e-7)], 2, 10**9, 256),
+        ([(1, 1e-7), (256, 256e-7)], 2, 10**9, 65_536),
+        ([(1, 1e-7), (256, 256e-7), (65_536, 65_536e-7)], 2, 10**9, MAX_ITEMS),
+        # Slow items: one per task.
+        ([(1, 2.0)], 8, 1000, 1),
+        # Guided tail: at most remaining / (2 * slots)...
+        ([(1, 0.001), (200, 0.2)], 2, 400, 100),
+        # ...but never below an eighth of the target for tiny items.
+        ([(1, 1e-6), (256, 256e-6), (1000, 1e-3)], 2, 5000, 5000),
+        ([(1, 1e-6), (256, 256e-6), (1000, 1e-3)], 2, 200_000, 50_000),
+        # Never more than what is left.
+        ([(1, 1e-6)], 2, 3, 3),
+    ],
+)
+def test_next_size(
+    observations: list[tuple[int, float]], slots: int, remaining: int | None, expected: int
+) -> None:
+    assert sized(observations).next_size(slots=slots, remaining=remaining) == expected
+
+
+def test_fixed_batch_size_overrides_timings_but_not_the_end_of_input() -> None:
+    sizer = sized([(1, 1e-6)], fixed=7)
+    assert sizer.next_size(slots=2, remaining=100) == 7
+    assert sizer.next_size(slots=2, remaining=3) == 3
+
+
+def test_estimate_follows_a_change_in_item_time() -> None:
+    sizer = sized([(1, 0.001), (250, 0.25)])
+    for _ in range(10):
+        sizer.observe(250, 2.5)  # items became ten times slower
+    assert sizer.next_size(slots=2, remaining=None) < 40
+
+
+def test_empty_observation_is_ignored() -> None:
+    sizer = sized([(0, 1.0)])
+    assert sizer.seconds_per_item is None
