@@ -15,7 +15,7 @@ def test_local_is_registered() -> None:
 
 
 def test_unknown_name_lists_known_providers() -> None:
-    with pytest.raises(UnknownProviderError, match="'nowhere'.*known providers: .*local"):
+    with pytest.raises(UnknownProviderError, match=r"'nowhere'.*known providers: .*local"):
         get_provider("nowhere")
 
 

@@ -27,7 +27,7 @@ def test_bad_pool_options(provider: str, options: dict[str, object], message: st
 
 
 def test_unknown_provider_lists_the_known_ones() -> None:
-    with pytest.raises(cloudmap.UnknownProviderError, match="known providers: .*local"):
+    with pytest.raises(cloudmap.UnknownProviderError, match=r"known providers: .*local"):
         cloudmap.Pool("nowhere")
 
 

@@ -83,9 +83,7 @@ def test_on_error_skip_leaves_failed_items_out(pool: cloudmap.Pool) -> None:
     assert list(pool.imap(tasks.fail_on, range(6), on_error="skip")) == [0, 1, 2, 4, 5]
 
 
-def test_retries_rerun_failed_items_and_count_attempts(
-    pool: cloudmap.Pool, tmp_path: Path
-) -> None:
+def test_retries_rerun_failed_items_and_count_attempts(pool: cloudmap.Pool, tmp_path: Path) -> None:
     from functools import partial
 
     fn = partial(tasks.fail_once, directory=str(tmp_path / "a"))
