@@ -84,7 +84,10 @@ class _Task:
         self.future: Future | None = None
 
     def size(self) -> int:
-        return len(self.refs) if self.refs is not None else len(self.batch.items)  # type: ignore[union-attr]
+        if self.refs is not None:
+            return len(self.refs)
+        assert self.batch is not None
+        return len(self.batch.items)
 
     def positions(self) -> list[tuple[_SourceBatch, int]]:
         if self.refs is not None:

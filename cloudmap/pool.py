@@ -284,19 +284,16 @@ class Pool:
         engine = self._engine(fn, iterables, seed, batch_size, retries, timeout, on_error,
                               True, progress, "map")  # fmt: skip
         results: list[Any] = []
-        skipped = False
         try:
             engine.start()
             for _, values in engine.chunks():
                 results.extend(values)
-                skipped = skipped or on_error == "skip"
         except (TaskError, InputError) as exc:
-            exc.results = {
-                **{i: v for i, v in enumerate(results) if v is not SKIPPED},
-                **exc.results,
-            }
+            # Chunks arrive in input order, so results[i] is item i's value.
+            done = {i: v for i, v in enumerate(results) if v is not SKIPPED}
+            exc.results = {**done, **exc.results}
             raise
-        if skipped:
+        if on_error == "skip":
             results = [value for value in results if value is not SKIPPED]
         return results
 

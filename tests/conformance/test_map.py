@@ -184,3 +184,44 @@ def test_slots_see_the_node_directories(pool: cloudmap.Pool) -> None:
     assert env["CLOUDMAP_NODE_ID"] == root.name
     for name in ("SHARED", "STARTUP", "TASKS"):
         assert Path(env[f"CLOUDMAP_NODE_{name}_DIR"]).parent == root
+
+
+class RecordingReporter:
+    """A progress reporter that keeps what the engine told it."""
+
+    def __init__(self) -> None:
+        self.started: cloudmap.ProgressCounts | None = None
+        self.updates: list[int] = []
+        self.closed: cloudmap.ProgressCounts | None = None
+
+    def start(self, counts: cloudmap.ProgressCounts, description: str) -> None:
+        self.started = counts
+        self.description = description
+
+    def update(self, counts: cloudmap.ProgressCounts) -> None:
+        self.updates.append(counts.done)
+
+    def close(self, counts: cloudmap.ProgressCounts) -> None:
+        self.closed = counts
+
+
+def test_progress_hook_sees_every_item_and_failure(pool: cloudmap.Pool) -> None:
+    reporter = RecordingReporter()
+    pool.map(tasks.fail_on, range(500), on_error="skip", progress=reporter)
+    assert reporter.started is not None and reporter.started.total == 500
+    assert reporter.description == "map"
+    assert reporter.updates == sorted(reporter.updates)
+    assert reporter.closed is not None
+    assert (reporter.closed.done, reporter.closed.failed) == (499, 1)
+
+
+def test_progress_true_draws_a_text_bar(
+    pool: cloudmap.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pool.map(tasks.square, range(100), progress=True)
+    assert "100/100" in capsys.readouterr().err
+
+
+def test_no_progress_when_false(pool: cloudmap.Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    pool.map(tasks.square, range(100), progress=False)
+    assert capsys.readouterr().err == ""
