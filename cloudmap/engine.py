@@ -153,6 +153,7 @@ class MapEngine:
             self._refill()
         except BaseException:
             self._abort(kill_running=False)
+            self._close_reporter()
             raise
 
     def chunks(self, deadline: float | None = None) -> Iterator[Chunk]:
@@ -185,9 +186,7 @@ class MapEngine:
             self._abort(kill_running=False)
             raise
         finally:
-            if self._reporter is not None:
-                self._reporter.close(self._counts)
-                self._reporter = None
+            self._close_reporter()
 
     def buffered_results(self) -> dict[int, Any]:
         """Results computed but not yet handed out, by item index (attached to errors)."""
@@ -369,9 +368,16 @@ class MapEngine:
         if self._reporter is not None:
             self._reporter.update(self._counts)
 
+    def _close_reporter(self) -> None:
+        if self._reporter is not None:
+            self._reporter.close(self._counts)
+            self._reporter = None
+
     def _check_alive(self, deadline: float | None) -> None:
+        """While waiting: stop if the pool closed, lost every node, or the deadline passed."""
         if self._is_closed():
             raise PoolClosedError("the pool was closed while this map was running")
+        self._slots()  # raises NoNodesError when no node is left or on its way
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("the map's results did not all arrive before its timeout")
 

@@ -90,3 +90,18 @@ def test_ctrl_c_cancels_the_map_frees_slots_and_keeps_the_pool(
     started = time.monotonic()
     assert own_pool.map(tasks.square, range(10)) == [x * x for x in range(10)]
     assert time.monotonic() - started < 20
+
+
+def test_a_map_on_a_pool_whose_every_node_died_fails_instead_of_hanging(provider: str) -> None:
+    from .. import conftest as session
+
+    with cloudmap.Pool(provider, nodes=1) as pool:
+        timer = threading.Timer(1.0, lambda: [p.kill() for p in session.cloudmap_processes()])
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(cloudmap.NoNodesError, match="no usable nodes"):
+            fn = partial(tasks.sleep_then, seconds=60)
+            pool.map(fn, range(4), batch_size=1, on_error="return")
+        timer.cancel()
+        assert time.monotonic() - started < 30
+        assert [n.state for n in pool.nodes()] == [cloudmap.NodeState.UNUSABLE]
