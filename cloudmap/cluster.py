@@ -16,11 +16,10 @@ from asyncio import CancelledError
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import dask
 from distributed import Client, Future, Scheduler, SchedulerPlugin, SpecCluster
 
 from .nodes import node_of
-from .payload import TIMEOUT_TOPIC
+from .payload import STARTED_TOPIC, TIMEOUT_TOPIC
 from .runner import exit_slot, run_batch
 
 
@@ -43,15 +42,14 @@ class DaskCluster:
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
-        # worker-saturation 1.0: a slot holds only the task it runs, none queued behind it,
-        # so when a slot dies only that task is reported lost (never an innocent neighbour).
-        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
-            self._cluster = self._start_scheduler(host)
+        self._cluster = self._start_scheduler(host)
         self.client = Client(self._cluster, direct_to_workers=True)
         _shorten_batching_intervals(self.client, self._cluster.scheduler)
         self._timeouts: dict[str, bytes] = {}
-        self._timeouts_lock = threading.Lock()
+        self._started: dict[str, set[str]] = {}
+        self._events_lock = threading.Lock()
         self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
+        self.client.subscribe_topic(STARTED_TOPIC, self._on_started_event)
         self._slot_count = (0.0, 0)
         self._task_ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
@@ -111,13 +109,33 @@ class DaskCluster:
 
     def pop_timeout_result(self, key: str) -> bytes | None:
         """The partial result a slot sent before its watchdog ended it, if any."""
-        with self._timeouts_lock:
+        with self._events_lock:
             return self._timeouts.pop(key, None)
+
+    def started_on(self, key: str, worker_address: str | None) -> bool:
+        """Whether the task began running on that slot (not merely waited in its queue).
+
+        A slot that dies takes the tasks queued behind it down too; only the one it was
+        running may be to blame.
+        """
+        with self._events_lock:
+            return worker_address in self._started.get(key, ())
+
+    def forget(self, key: str) -> None:
+        """Drop what the events said about a task that is settled, and release it."""
+        with self._events_lock:
+            self._started.pop(key, None)
+            self._timeouts.pop(key, None)
 
     def _on_timeout_event(self, event: tuple[float, dict[str, Any]]) -> None:
         _, message = event
-        with self._timeouts_lock:
+        with self._events_lock:
             self._timeouts[str(message["key"])] = message["result"]
+
+    def _on_started_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, message = event
+        with self._events_lock:
+            self._started.setdefault(str(message["key"]), set()).add(str(message["worker"]))
 
     def slot_count(self, max_age: float = 0.5) -> int:
         """How many slots (workers) are connected; cached for ``max_age`` seconds."""

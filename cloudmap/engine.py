@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from distributed import Future
 from distributed.scheduler import KilledWorker
@@ -44,6 +44,8 @@ from .payload import (
 from .progress import ProgressCounts, ProgressReporter
 
 ON_ERROR_CHOICES = ("raise", "return", "skip")
+#: An item lost this many times with a slot it did not run on is then run on its own.
+MAX_FREE_REQUEUES = 3
 
 
 class _Skipped:
@@ -76,12 +78,20 @@ class _SourceBatch:
 class _Task:
     """One Dask task: either a whole source batch, or loose items (retries)."""
 
-    __slots__ = ("batch", "future", "refs")
+    __slots__ = ("batch", "future", "key", "refs")
 
     def __init__(self, batch: _SourceBatch | None, refs: list[tuple[_SourceBatch, int]] | None):
         self.batch = batch
         self.refs = refs
         self.future: Future | None = None
+        self.key = ""
+
+    def release(self) -> None:
+        """Let Dask forget the task now: a finished map must hold nothing on the nodes
+        (Dask would recompute a held result if its slot died, calling items again)."""
+        if self.future is not None:
+            self.future.release()
+            self.future = None
 
     def size(self) -> int:
         if self.refs is not None:
@@ -137,7 +147,8 @@ class MapEngine:
         self._tasks: dict[str, _Task] = {}
         self._open: deque[_SourceBatch] = deque()
         self._retry: deque[tuple[_SourceBatch, int, bool]] = deque()
-        self._attempts: dict[int, int] = {}
+        self._attempts: dict[int, int] = {}  # failed attempts, by item index
+        self._lost: dict[int, int] = {}  # times lost through no fault of the item
         self._emitted: deque[Chunk] = deque()
         self._next_index = 0
         self._exhausted = False
@@ -170,10 +181,8 @@ class MapEngine:
                 except queue.Empty:
                     self._check_alive(deadline)
                     continue
-                key = str(task.future.key) if task.future is not None else ""
-                if key not in self._tasks:
+                if self._tasks.pop(task.key, None) is None:
                     continue  # a task we already gave up on
-                del self._tasks[key]
                 self._handle(task, kind, payload)
                 yield from self._ready()
                 self._refill()
@@ -253,7 +262,8 @@ class MapEngine:
             exc.results = self.buffered_results()
             raise
         task.future = self._cluster.submit_batch(self._fn_blob, blob, self._label)
-        self._tasks[str(task.future.key)] = task
+        task.key = str(task.future.key)
+        self._tasks[task.key] = task
         self._counts.in_flight += len(items)
         self._cluster.on_result(task.future, partial(self._on_done, task))
 
@@ -265,38 +275,59 @@ class MapEngine:
 
     def _handle(self, task: _Task, kind: str, payload: Any) -> None:
         self._counts.in_flight -= task.size()
-        if kind == "ok":
-            self._take_result(task, load_result(payload))
-            return
+        try:
+            if kind == "ok":
+                self._take_result(task, load_result(payload))
+            elif self._is_closed():
+                raise PoolClosedError("the pool was closed while this map was running")
+            else:
+                self._take_failure(task, payload)
+        finally:
+            self._cluster.forget(task.key)
+            task.release()
+
+    def _take_failure(self, task: _Task, error: BaseException) -> None:
+        """A task produced no result: its slot died (crash, timeout) or Dask gave up on it."""
         positions = task.positions()
-        if self._is_closed():
-            raise PoolClosedError("the pool was closed while this map was running")
-        partial_blob = None
-        if isinstance(payload, KilledWorker) and self._timeout is not None:
-            key = str(task.future.key) if task.future is not None else ""
-            partial_blob = self._wait_for_timeout_record(key)
-        if partial_blob is not None:
-            result = load_result(partial_blob)
-            self._take_result(task, result)  # requeues the items after the culprit
-            return
-        worker = _last_worker(payload)
+        worker = _last_worker(error)
+        if isinstance(error, KilledWorker):
+            if not self._wait_for(lambda: self._cluster.started_on(task.key, worker.address)):
+                # It only waited behind another task on the slot that died: not its fault.
+                self._requeue_lost(positions)
+                return
+            if self._timeout is not None:
+                partial_blob = self._wait_for(lambda: self._cluster.pop_timeout_result(task.key))
+                if partial_blob is not None:
+                    self._take_result(task, load_result(partial_blob))  # requeues the rest
+                    return
         if len(positions) == 1:
             lost = WorkerLostError(
-                f"the slot process running this item died ({type(payload).__name__}: {payload})"
+                f"the slot process running this item died ({type(error).__name__}: {error})"
             )
             batch, position = positions[0]
-            self._item_failed(batch, position, RemoteError.from_exception(lost), worker)
+            self._item_failed(batch, position, RemoteError.from_exception(lost), worker.name)
         else:  # do not know which item killed the slot: re-run each alone, uncharged
             self._retry.extend((batch, position, True) for batch, position in positions)
 
-    def _wait_for_timeout_record(self, key: str) -> bytes | None:
-        """A slot ended by its watchdog sends its partial result just before it dies."""
-        deadline = time.monotonic() + 1.0
+    def _requeue_lost(self, positions: list[tuple[_SourceBatch, int]]) -> None:
+        """Send items lost through no fault of their own again, without spending retries;
+        after MAX_FREE_REQUEUES such losses an item is run alone, so that a crash it causes
+        itself is charged to it (and never loops forever)."""
+        for batch, position in positions:
+            index = batch.start + position
+            self._lost[index] = self._lost.get(index, 0) + 1
+            self._retry.append((batch, position, self._lost[index] > MAX_FREE_REQUEUES))
+
+    @staticmethod
+    def _wait_for(check: Callable[[], Any], seconds: float = 1.0) -> Any:
+        """Events a slot sent just before dying arrive before Dask reports the death; the
+        short wait only covers event handlers still running on the event loop."""
+        deadline = time.monotonic() + seconds
         while True:
-            blob = self._cluster.pop_timeout_result(key)
-            if blob is not None or time.monotonic() > deadline:
-                return blob
-            time.sleep(0.02)
+            found = check()
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
 
     def _take_result(self, task: _Task, result: BatchResult) -> None:
         self._sizer.observe(result.completed, result.compute_seconds)
@@ -426,7 +457,14 @@ def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], i
     return zip(*iterables, strict=True), total
 
 
-def _last_worker(error: Any) -> str | None:
+class _SlotRef(NamedTuple):
+    name: str | None
+    address: str | None
+
+
+def _last_worker(error: Any) -> _SlotRef:
+    """The slot a KilledWorker (or other Dask error) names, as far as it says."""
     worker = getattr(error, "last_worker", None)
     name = getattr(worker, "name", None)
-    return str(name) if name is not None else None
+    address = getattr(worker, "address", None)
+    return _SlotRef(None if name is None else str(name), None if address is None else str(address))

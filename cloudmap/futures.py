@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.scheduler import KilledWorker
 
+from .cluster import DaskCluster
+from .engine import MAX_FREE_REQUEUES
 from .errors import PoolClosedError, TaskError, WorkerLostError
 from .nodes import node_of
-from .payload import load_result
+from .payload import BatchResult, load_result
 
 if TYPE_CHECKING:
     import distributed
@@ -30,13 +32,25 @@ class Future(concurrent.futures.Future[Any]):
 
     Its exception, when the function raised, is a :class:`cloudmap.TaskError` whose
     ``exception`` is the original error and ``remote_traceback`` the traceback on the node.
+    A task lost only because it waited on a slot that died is sent again, transparently.
     """
 
-    def __init__(self, dask_future: distributed.Future, item: Any) -> None:
+    def __init__(self, cluster: DaskCluster, fn_blob: bytes, batch_blob: bytes, item: Any):
         super().__init__()
-        self.dask_future = dask_future
+        self._cluster = cluster
+        self._blobs = (fn_blob, batch_blob)
         self._item = item
-        dask_future.add_done_callback(self._settle)
+        self._free_requeues = MAX_FREE_REQUEUES
+        self._submit_to_pool()
+
+    def _submit_to_pool(self) -> None:
+        self.dask_future = self._cluster.submit_batch(*self._blobs, "submit")
+        self._cluster.on_result(self.dask_future, self._settle_off_loop)
+
+    def _settle_off_loop(self, dask_future: distributed.Future, kind: str, value: Any) -> None:
+        # Never run the user's done-callbacks on Dask's event loop: one that waited on the
+        # pool (another result(), say) would block the loop that must answer it.
+        _settler().submit(self._settle, dask_future, kind, value)
 
     @property
     def key(self) -> str:
@@ -50,40 +64,66 @@ class Future(concurrent.futures.Future[Any]):
         self.dask_future.cancel()
         return super().cancel()
 
-    def _settle(self, dask_future: distributed.Future) -> None:
-        if self.done():
-            return
+    def _settle(self, dask_future: distributed.Future, kind: str, value: Any) -> None:
+        """Runs on the settling thread when the task is over, however it ended."""
+        key = str(dask_future.key)
         try:
-            status = dask_future.status
-            if status == "finished":
-                result = load_result(dask_future.result())
-                error = result.errors.get(0)
-                if error is None:
-                    self.set_result(result.values[0])
-                else:
-                    self.set_exception(
-                        TaskError(
-                            0,
-                            exception=error.exception(),
-                            remote_traceback=error.traceback,
-                            worker=result.worker,
-                            node=node_of(result.worker),
-                            item=self._item,
-                        )
-                    )
-            elif status == "cancelled":
+            if self.done():
+                return
+            if kind == "ok":
+                self._set_outcome(load_result(value))
+            elif kind == "cancelled":
                 if not super().cancel():
                     self.set_exception(PoolClosedError("the pool closed before this task ran"))
+            elif self._lost_in_queue(key, value):
+                self._free_requeues -= 1
+                self._submit_to_pool()
             else:
-                exc = dask_future.exception()
-                if isinstance(exc, KilledWorker):
-                    exc = WorkerLostError(f"the slot process running this task died: {exc}")
-                self.set_exception(exc)
+                if isinstance(value, KilledWorker):
+                    value = WorkerLostError(f"the slot process running this task died: {value}")
+                self.set_exception(value)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by the user while the result arrived
-        except BaseException as exc:
-            if not self.done():
-                self.set_exception(exc)
+        finally:
+            self._cluster.forget(key)
+            dask_future.release()
+
+    def _lost_in_queue(self, key: str, error: BaseException) -> bool:
+        if not isinstance(error, KilledWorker) or self._free_requeues <= 0:
+            return False
+        address = getattr(getattr(error, "last_worker", None), "address", None)
+        return not self._cluster.started_on(key, address)
+
+    def _set_outcome(self, result: BatchResult) -> None:
+        error = result.errors.get(0)
+        if error is None:
+            self.set_result(result.values[0])
+            return
+        self.set_exception(
+            TaskError(
+                0,
+                exception=error.exception(),
+                remote_traceback=error.traceback,
+                worker=result.worker,
+                node=node_of(result.worker),
+                item=self._item,
+            )
+        )
+
+
+_settling_thread: concurrent.futures.ThreadPoolExecutor | None = None
+_settling_lock = threading.Lock()
+
+
+def _settler() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread that settles every submitted Future, in order of completion."""
+    global _settling_thread
+    with _settling_lock:
+        if _settling_thread is None:
+            _settling_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="cloudmap-settle"
+            )
+        return _settling_thread
 
 
 class PoolExecutor(concurrent.futures.Executor):

@@ -21,7 +21,9 @@ CALL_ONE = 0  # fn(item)
 CALL_STAR = 1  # fn(*item): map over several iterables
 CALL_ARGS = 2  # fn(*args, **kwargs): item is (args, kwargs), used by submit
 
-TIMEOUT_TOPIC = "cloudmap-timeout"
+#: Dask event topics a slot uses to tell the client what Dask itself does not report.
+TIMEOUT_TOPIC = "cloudmap-timeout"  # an item overran: the partial result, sent before dying
+STARTED_TOPIC = "cloudmap-started"  # a task began on this slot (so a death can be attributed)
 
 
 class Batch(NamedTuple):
@@ -61,7 +63,9 @@ class RemoteError:
                 pass
             else:
                 if isinstance(exc, BaseException):
-                    return exc
+                    # The text traceback is kept in .traceback; a rebuilt traceback object
+                    # would only hold frames (and through them, Dask futures) alive.
+                    return exc.with_traceback(None)
         return RemoteException(self.type_name, self.message)
 
 

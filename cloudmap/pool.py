@@ -245,7 +245,7 @@ class Pool:
         fn_blob = dump_function(fn)
         item = (args, kwargs)
         blob = dump_items_batch(Batch(CALL_ARGS, None, None, range(1), [item]))
-        return Future(self._cluster.submit_batch(fn_blob, blob, "submit"), item)
+        return Future(self._cluster, fn_blob, blob, item)
 
     def map(
         self,

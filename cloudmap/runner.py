@@ -25,6 +25,7 @@ from .payload import (
     CALL_ARGS,
     CALL_ONE,
     CALL_STAR,
+    STARTED_TOPIC,
     TIMEOUT_TOPIC,
     BatchResult,
     RemoteError,
@@ -34,6 +35,8 @@ from .payload import (
 
 #: Exit status of a slot process ended by the timeout watchdog (the node agent restarts it).
 TIMEOUT_EXIT_CODE = 75
+#: Time for the event loop to write a batch of messages once it left the buffer.
+WRITE_GRACE = 0.002
 #: How often a long batch checks whether its task was cancelled (Ctrl-C on the client).
 CANCEL_CHECK_SECONDS = 0.05
 
@@ -62,6 +65,8 @@ def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
     started = time.perf_counter()
     batch = load_batch(batch_blob)
     context = _TaskContext.current()
+    context.send_event(STARTED_TOPIC, {"key": str(context.key), "worker": context.address})
+    context.flush()  # before user code can end the process: see _TaskContext.flush
     try:
         fn = load_function(fn_blob)
     except BaseException as exc:  # the function's module may be missing on the node
@@ -151,7 +156,8 @@ class _TaskContext:
     def __init__(self, worker: Any, key: Any) -> None:
         self._worker = worker
         self.key = key
-        self.worker = getattr(worker, "name", None) if worker is not None else None
+        self.worker = str(worker.name) if worker is not None else None
+        self.address = str(worker.address) if worker is not None else None
 
     @classmethod
     def current(cls) -> _TaskContext:
@@ -172,6 +178,21 @@ class _TaskContext:
     def send_event(self, topic: str, message: dict[str, Any]) -> None:
         if self._worker is not None:
             self._worker.log_event(topic, message)
+
+    def flush(self, timeout: float = 0.05) -> None:
+        """Wait until the worker has sent what it queued for the scheduler.
+
+        Dask batches worker messages for a millisecond. A function that ends the process at
+        once (a crash, ``os._exit``) would take along the news that the previous task
+        finished and that this one started, so the client would blame the wrong item.
+        """
+        stream = getattr(self._worker, "batched_stream", None)
+        if stream is None or not hasattr(stream, "buffer"):
+            return
+        deadline = time.monotonic() + timeout
+        while stream.buffer and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        time.sleep(WRITE_GRACE)  # the batch left the buffer; let the event loop write it
 
 
 class _Watchdog:

@@ -20,8 +20,10 @@ from typing import Any
 
 from ..nodes import slot_name
 from .layout import CONFIG_FILE, NodeLayout
+from .slot import JOINED_MARKER
 
-#: A slot that dies this many times within RESTART_WINDOW seconds makes the node unusable.
+#: A slot that fails this many times to join within RESTART_WINDOW seconds makes the node
+#: unusable. Slots that die after joining (a task crashed or overran) are always restarted.
 MAX_QUICK_RESTARTS = 5
 RESTART_WINDOW = 30.0
 #: Grace given to slot processes between SIGTERM and SIGKILL when the node stops.
@@ -130,6 +132,7 @@ class NodeAgent:
         name = slot_name(self.config.node_id, slot)
         directory = self.layout.slots / f"slot-{slot}"
         directory.mkdir(exist_ok=True)
+        (directory / JOINED_MARKER).unlink(missing_ok=True)
         with (self.layout.slots / f"slot-{slot}.log").open("ab") as log:
             self._slots[slot] = subprocess.Popen(
                 [
@@ -153,14 +156,17 @@ class NodeAgent:
             for slot, process in list(self._slots.items()):
                 if process.poll() is None:
                     continue
-                now = time.monotonic()
-                recent = [t for t in self._restarts.get(slot, []) if now - t < RESTART_WINDOW]
-                if len(recent) >= MAX_QUICK_RESTARTS:
-                    self.layout.write_state(
-                        "unusable", reason=f"slot {slot} died {len(recent)} times in a row"
-                    )
-                    return "unusable"
-                self._restarts[slot] = [*recent, now]
+                if not (self.layout.slots / f"slot-{slot}" / JOINED_MARKER).exists():
+                    now = time.monotonic()
+                    recent = [t for t in self._restarts.get(slot, []) if now - t < RESTART_WINDOW]
+                    if len(recent) >= MAX_QUICK_RESTARTS:
+                        self.layout.write_state(
+                            "unusable",
+                            reason=f"slot {slot} failed to start {len(recent) + 1} times; "
+                            f"see slots/slot-{slot}.log",
+                        )
+                        return "unusable"
+                    self._restarts[slot] = [*recent, now]
                 self._start_slot(slot)
         self.layout.write_state("leaving")
         return "leaving"

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
+
+JOINED_MARKER = "joined"
 
 
 async def serve(scheduler: str, name: str, directory: str) -> None:
@@ -22,6 +25,9 @@ async def serve(scheduler: str, name: str, directory: str) -> None:
         local_directory=directory,
         death_timeout=60,
     ) as worker:
+        # Tell the agent this slot joined: a slot that dies after joining was ended by its
+        # work (a crash, a timeout) and is simply restarted; one that dies before is broken.
+        (Path(directory) / JOINED_MARKER).touch()
         stream = getattr(worker, "batched_stream", None)
         if stream is not None and hasattr(stream, "interval"):
             stream.interval = 0.001  # see cloudmap.cluster.BATCH_INTERVAL

@@ -81,3 +81,9 @@ def write_shared_marker() -> None:
     """A Python start task: leaves a marker in the node's shared directory."""
     (Path(os.environ["CLOUDMAP_NODE_SHARED_DIR"]) / "python-marker").write_text("from python")
     print("start task ran")
+
+
+def crash_on_odd(x: int) -> int:
+    if x % 2:
+        os._exit(13)
+    return x

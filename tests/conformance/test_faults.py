@@ -105,3 +105,29 @@ def test_a_map_on_a_pool_whose_every_node_died_fails_instead_of_hanging(provider
         timer.cancel()
         assert time.monotonic() - started < 30
         assert [n.state for n in pool.nodes()] == [cloudmap.NodeState.UNUSABLE]
+
+
+def test_items_queued_behind_a_crash_are_never_charged_for_it(provider: str) -> None:
+    with cloudmap.Pool(provider, nodes=1, slots_per_node=2) as pool:
+        pool.wait_for_nodes()
+        for _ in range(3):
+            results = pool.map(tasks.crash_on_odd, range(8), batch_size=1, on_error="return")
+            assert results[0::2] == [0, 2, 4, 6]
+            assert all(isinstance(r, cloudmap.TaskError) for r in results[1::2])
+            futures = [pool.submit(tasks.crash_on_odd, x) for x in range(6)]
+            assert [f.result(timeout=60) for f in futures[0::2]] == [0, 2, 4]
+            assert all(isinstance(f.exception(), cloudmap.WorkerLostError) for f in futures[1::2])
+
+
+def test_a_finished_map_leaves_no_task_on_the_pool(own_pool: cloudmap.Pool) -> None:
+    own_pool.map(tasks.fail_on, range(50), on_error="return", batch_size=5)
+    own_pool.submit(tasks.square, 3).result(timeout=30)
+    own_pool.submit(tasks.fail_on, 3).exception(timeout=30)
+    deadline = time.monotonic() + 10
+    while own_pool.client.run_on_scheduler(_task_count) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert own_pool.client.run_on_scheduler(_task_count) == 0
+
+
+def _task_count(dask_scheduler: object) -> int:
+    return len(dask_scheduler.tasks)  # type: ignore[attr-defined]
