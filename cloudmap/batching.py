@@ -17,7 +17,7 @@ TARGET_SECONDS = 0.25
 MAX_ITEMS = 250_000
 #: A batch may be at most this many times the largest batch already timed: a function
 #: whose first items happened to be quick is never handed a huge batch on that evidence.
-GROWTH = 256
+GROWTH = 32
 #: Near the end, batches shrink for balance, but never below this fraction of the target:
 #: for tiny items, many tiny tail tasks would cost more than the imbalance they avoid.
 TAIL_FRACTION = 0.125
@@ -32,7 +32,7 @@ class BatchSizer:
     1
     >>> sizer.observe(items=1, seconds=0.001)
     >>> sizer.next_size(slots=2, remaining=1000)
-    250
+    32
     """
 
     target_seconds: float = TARGET_SECONDS

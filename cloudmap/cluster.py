@@ -7,12 +7,13 @@ nodes are made.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
 import time
 import uuid
-from asyncio import CancelledError
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,10 +25,17 @@ from .runner import exit_slot, run_batch
 
 
 class _DropKilledWorkerNoise(logging.Filter):
-    """cloudmap retries lost tasks itself; Dask's error line about them is only noise."""
+    """cloudmap handles lost slots and tasks itself (timeouts end slots on purpose); Dask's
+    log lines about them would only alarm a notebook user."""
+
+    NOISE = (
+        "marked as failed because",
+        "caused the cluster to lose already computed task",
+        "Couldn't gather keys",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "marked as failed because" not in str(record.msg)
+        return not any(part in str(record.msg) for part in self.NOISE)
 
 
 _KILLED_WORKER_NOISE = _DropKilledWorkerNoise()
@@ -100,7 +108,7 @@ class DaskCluster:
     async def _fetch(self, future: Future, deliver: Callable[[Future, str, Any], None]) -> None:
         try:
             value = await self.client.gather(future, asynchronous=True)
-        except CancelledError as exc:
+        except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
             deliver(future, "cancelled", exc)
         except BaseException as exc:
             deliver(future, "error", exc)

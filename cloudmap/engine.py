@@ -46,6 +46,9 @@ from .progress import ProgressCounts, ProgressReporter
 ON_ERROR_CHOICES = ("raise", "return", "skip")
 #: An item lost this many times with a slot it did not run on is then run on its own.
 MAX_FREE_REQUEUES = 3
+#: With on_error="raise", how long tasks already running may finish after the failure, so
+#: that their results come back with the error instead of being thrown away.
+DRAIN_SECONDS = 2.0
 
 
 class _Skipped:
@@ -153,6 +156,8 @@ class MapEngine:
         self._next_index = 0
         self._exhausted = False
         self._counts = ProgressCounts(total=self._total)
+        self._failure: TaskError | None = None  # raised once in-flight tasks have drained
+        self._drain_deadline = 0.0
 
     # -- public -----------------------------------------------------------------------
 
@@ -176,6 +181,7 @@ class MapEngine:
         """
         try:
             while self._tasks or self._retry:
+                self._raise_failure_when_drained()
                 try:
                     task, kind, payload = self._done.get(timeout=0.1)
                 except queue.Empty:
@@ -187,6 +193,7 @@ class MapEngine:
                 yield from self._ready()
                 self._refill()
                 self._report()
+            self._raise_failure_when_drained()
             yield from self._ready()
         except KeyboardInterrupt:
             self._abort(kill_running=True)
@@ -213,13 +220,15 @@ class MapEngine:
     # -- submitting ---------------------------------------------------------------------
 
     def _refill(self) -> None:
+        if self._failure is not None:
+            return  # draining: no new work after a fatal failure
         slots = max(1, self._slots())
         window = 2 * slots + 2
         while len(self._tasks) < window:
             if self._retry:
                 self._submit_retry(slots)
                 continue
-            if self._exhausted or (self._ordered and len(self._open) >= 4 * window):
+            if self._exhausted or (self._ordered and len(self._open) >= 2 * window):
                 return
             remaining = None if self._total is None else self._total - self._next_index
             size = self._sizer.next_size(slots=slots, remaining=remaining)
@@ -353,6 +362,8 @@ class MapEngine:
     def _item_failed(
         self, batch: _SourceBatch, position: int, error: RemoteError, worker: str | None
     ) -> None:
+        if self._failure is not None:
+            return  # already failing: only the first failure is reported
         index = batch.start + position
         attempts = self._attempts.get(index, 0) + 1
         self._attempts[index] = attempts
@@ -371,8 +382,10 @@ class MapEngine:
             item=batch.items[position],
         )
         if self._on_error == "raise":
-            failure.results = self.buffered_results()
-            raise failure
+            self._failure = failure
+            self._drain_deadline = time.monotonic() + DRAIN_SECONDS
+            self._retry.clear()
+            return
         self._resolve(batch, position, failure if self._on_error == "return" else SKIPPED)
 
     def _resolve(self, batch: _SourceBatch, position: int, value: Any) -> None:
@@ -398,6 +411,15 @@ class MapEngine:
     def _report(self) -> None:
         if self._reporter is not None:
             self._reporter.update(self._counts)
+
+    def _raise_failure_when_drained(self) -> None:
+        """Raise the first fatal failure once running tasks are back (or took too long)."""
+        if self._failure is None:
+            return
+        if self._tasks and time.monotonic() < self._drain_deadline:
+            return
+        self._failure.results = self.buffered_results()
+        raise self._failure
 
     def _close_reporter(self) -> None:
         if self._reporter is not None:
@@ -436,8 +458,8 @@ def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], i
             iter(iterable)
         except TypeError:
             raise InputError(
-                f"argument {number} after the function is a {type(iterable).__name__}, which "
-                "is not iterable; pass a list, range, array or generator of items"
+                f"argument {number} after the function (of type {type(iterable).__name__}) is "
+                "not iterable; pass a list, range, array or generator of items"
             ) from None
     lengths: list[int | None] = []
     for iterable in iterables:

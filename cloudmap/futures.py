@@ -59,10 +59,10 @@ class Future(concurrent.futures.Future[Any]):
 
     def cancel(self) -> bool:
         """Cancel on the pool too. False if the task already finished (as in concurrent.futures)."""
-        if self.done():
+        if not super().cancel():  # first, so the pool's own report cannot beat us to it
             return self.cancelled()
         self.dask_future.cancel()
-        return super().cancel()
+        return True
 
     def _settle(self, dask_future: distributed.Future, kind: str, value: Any) -> None:
         """Runs on the settling thread when the task is over, however it ended."""

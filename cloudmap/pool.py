@@ -26,6 +26,7 @@ from .providers import PoolSpec, Provider, get_provider
 from .providers.base import StartTask
 from .seeding import check_accepts_rng, check_seed
 
+_READY = (NodeState.IDLE, NodeState.RUNNING)
 #: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
 START_TIMEOUT = 120.0
 
@@ -203,12 +204,16 @@ class Pool:
         return infos
 
     def wait_for_nodes(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
-        """Block until ``count`` nodes (default: all requested) have every slot connected."""
+        """Block until ``count`` nodes (default: all requested) have every slot connected.
+
+        ``Pool(...)`` returns as soon as one slot can take work; call this before timing
+        something, or to fail early when nodes cannot start.
+        """
         wanted = self.spec.nodes if count is None else count
         deadline = time.monotonic() + timeout
         while True:
             nodes = self.nodes()
-            ready = [n for n in nodes if n.state in (NodeState.IDLE, NodeState.RUNNING)]
+            ready = [n for n in nodes if n.state in _READY and len(n.workers) >= n.slots]
             if len(ready) >= wanted:
                 return
             if time.monotonic() > deadline:
@@ -396,10 +401,10 @@ class Pool:
         for node in nodes:
             counts[str(node.state)] = counts.get(str(node.state), 0) + 1
         states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        slots = sum(n.slots for n in nodes)
+        slots = sum(len(n.workers) for n in nodes)
         return (
             f"<cloudmap.Pool {self.provider.name}: {len(nodes)} nodes ({states or 'none'}), "
-            f"{slots} slots, scheduler {self.scheduler_address}>"
+            f"{slots} slots connected, scheduler {self.scheduler_address}>"
         )
 
 
@@ -424,9 +429,10 @@ def _start_failure_message(nodes: list[Any]) -> str:
     message = f"no node of the pool could start: {len(nodes)} node(s) {first.state}."
     if first.start_task is not None:
         message += f" The start task of {first.id} exited with {first.start_task.exit_code}"
-        tail = (first.start_task.stderr or first.start_task.stdout).strip()[-2000:]
-        if tail:
-            message += f"; its output ends with:\n{tail}"
+        for stream in ("stdout", "stderr"):
+            tail = getattr(first.start_task, stream).strip()[-1500:]
+            if tail:
+                message += f"\n--- {stream} (end) ---\n{tail}"
         message += "\nFix the start task and create the pool again."
     else:
         message += " Check the node logs; the pool was removed."

@@ -76,8 +76,8 @@ def make_reporter(progress: Any) -> ProgressReporter | None:
     """Turn the ``progress=`` argument into a reporter (or None for no progress).
 
     ``False``: none. ``True``: the default display. ``None``: the default display when there
-    is one to show on (a registered widget factory, or a terminal on stderr). A reporter
-    object or a factory returning one is used as given.
+    is one to show on (a registered widget factory, a Jupyter kernel, a terminal on stderr).
+    A reporter object or a factory returning one is used as given.
     """
     if progress is False:
         return None
@@ -90,9 +90,18 @@ def make_reporter(progress: Any) -> ProgressReporter | None:
         reporter = _default_factory()
         if reporter is not None:
             return reporter
-    if progress is True or _stderr_is_terminal():
-        return TqdmReporter()
+    if progress is True or _stderr_is_terminal() or _in_jupyter_kernel():
+        return TqdmReporter()  # tqdm.auto draws a notebook bar inside Jupyter
     return None
+
+
+def _in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (notebook, JupyterLab, VS Code), not plain IPython."""
+    shell = sys.modules.get("IPython")
+    if shell is None or "ipykernel" not in sys.modules:
+        return False
+    ipython = shell.get_ipython()
+    return ipython is not None and hasattr(ipython, "kernel")
 
 
 def _stderr_is_terminal() -> bool:

@@ -20,19 +20,22 @@ def sized(observations: list[tuple[int, float]], **options: object) -> BatchSize
         # Nothing timed yet: one item per task, so a slow function is never over-batched.
         ([], 4, 1_000_000, 1),
         ([], 4, None, 1),
-        # 1 ms items: a 0.25 s task holds 250 items.
-        ([(1, 0.001)], 2, 1_000_000, 250),
-        # Growth is capped relative to the largest batch timed: 1 -> 256 at most.
-        ([(1, 1e-7)], 2, 10**9, 256),
-        ([(1, 1e-7), (256, 256e-7)], 2, 10**9, 65_536),
-        ([(1, 1e-7), (256, 256e-7), (65_536, 65_536e-7)], 2, 10**9, MAX_ITEMS),
+        # 1 ms items: a 0.25 s task would hold 250 items, but one timing allows 32 at most...
+        ([(1, 0.001)], 2, 1_000_000, 32),
+        # ...and once 32 are timed, the full 250.
+        ([(1, 0.001), (32, 0.032)], 2, 1_000_000, 250),
+        # Growth is capped relative to the largest batch timed: x32 per step.
+        ([(1, 1e-7)], 2, 10**9, 32),
+        ([(1, 1e-7), (32, 32e-7)], 2, 10**9, 1024),
+        ([(1, 1e-7), (32, 32e-7), (1024, 1024e-7)], 2, 10**9, 32_768),
+        ([(1, 1e-7), (32, 32e-7), (32_768, 32_768e-7)], 2, 10**9, MAX_ITEMS),
         # Slow items: one per task.
         ([(1, 2.0)], 8, 1000, 1),
         # Guided tail: at most remaining / (2 * slots)...
         ([(1, 0.001), (200, 0.2)], 2, 400, 100),
         # ...but never below an eighth of the target for tiny items.
         ([(1, 1e-6), (256, 256e-6), (1000, 1e-3)], 2, 5000, 5000),
-        ([(1, 1e-6), (256, 256e-6), (1000, 1e-3)], 2, 200_000, 50_000),
+        ([(1, 1e-6), (100_000, 0.1)], 2, 200_000, 50_000),
         # Never more than what is left.
         ([(1, 1e-6)], 2, 3, 3),
     ],

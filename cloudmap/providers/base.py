@@ -42,11 +42,18 @@ class Provider(abc.ABC):
 
     #: The registry name, e.g. "local" or "azure".
     name: ClassVar[str]
+    #: Keyword options ``Pool(provider, ...)`` passes through to this provider.
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: PoolSpec, **options: Any) -> None:
         if options:
+            from ..errors import InputError
+
             unknown = ", ".join(sorted(options))
-            raise TypeError(f"the {self.name!r} provider takes no option(s) {unknown}")
+            raise InputError(
+                f"the {self.name!r} provider does not take {unknown}; "
+                f"its options are: {', '.join(self.option_names) or 'none'}"
+            )
         self.spec = spec
 
     @abc.abstractmethod

@@ -47,9 +47,18 @@ class LocalProvider(Provider):
     default a new temporary one) and ``keep_files=True`` to keep it after ``close()``."""
 
     name = "local"
+    option_names = ("root", "keep_files")
 
-    def __init__(self, spec: PoolSpec, *, root: str | None = None, keep_files: bool = False):
-        super().__init__(spec)
+    def __init__(
+        self,
+        spec: PoolSpec,
+        *,
+        root: str | None = None,
+        keep_files: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(spec, **options)
+        pickled_start_task = _pickle_start_task(spec.start_task)  # before making anything
         self.pool_id = f"local-{uuid.uuid4().hex[:8]}"
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="cloudmap-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -58,24 +67,19 @@ class LocalProvider(Provider):
         self._lock = threading.Lock()
         self._numbers = itertools.count()
         self._scheduler: str | None = None
-        self._start_task_argv = self._prepare_start_task(spec)
+        self._start_task_argv = self._start_task_command(spec, pickled_start_task)
 
     def describe(self) -> str:
         return f"local processes in {self.root}"
 
-    def _prepare_start_task(self, spec: PoolSpec) -> list[str] | None:
-        if spec.start_task is None:
-            return None
+    def _start_task_command(self, spec: PoolSpec, pickled: bytes | None) -> list[str] | None:
+        """The command line each node agent runs as the start task."""
         if isinstance(spec.start_task, str):
             return ["/bin/sh", "-c", spec.start_task]
+        if pickled is None:
+            return None
         path = self.root / "start_task.pkl"
-        try:
-            path.write_bytes(cloudpickle.dumps(spec.start_task))
-        except Exception as exc:
-            raise SerializationError(
-                f"start_task={spec.start_task!r} cannot be pickled to send to the nodes ({exc}); "
-                "pass a module-level function or a shell command string"
-            ) from exc
+        path.write_bytes(pickled)
         return [sys.executable, "-m", "cloudmap.node.start_task", str(path)]
 
     def start(self, scheduler_address: str) -> None:
@@ -164,6 +168,18 @@ class LocalProvider(Provider):
         """The node's directory on this machine (``CLOUDMAP_NODE_ROOT_DIR``)."""
         with self._lock:
             return self._nodes[node_id].layout.root
+
+
+def _pickle_start_task(start_task: object) -> bytes | None:
+    if start_task is None or isinstance(start_task, str):
+        return None
+    try:
+        return cloudpickle.dumps(start_task)
+    except Exception as exc:
+        raise SerializationError(
+            f"start_task={start_task!r} cannot be pickled to send to the nodes ({exc}); "
+            "pass a module-level function or a shell command string"
+        ) from exc
 
 
 def _node_environment() -> dict[str, str]:

@@ -111,8 +111,8 @@ def test_imap_streams_an_endless_generator_with_bounded_reads(pool: cloudmap.Poo
     first = list(itertools.islice(results, 300))
     results.close()  # type: ignore[attr-defined]
     assert first == list(range(300))
-    # The window holds a few batches per slot; with ~1 ms items a batch is at most ~250.
-    assert next(pulled) < 300 + 4 * (2 * 2 + 2) * 250
+    # Ordered: at most 2 windows of batches are buffered; ~1 ms items make batches of ~250.
+    assert next(pulled) < 300 + 2 * (2 * 2 + 2) * 250
 
 
 def test_imap_unordered_yields_every_result_once(pool: cloudmap.Pool) -> None:
