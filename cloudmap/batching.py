@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 #: A task should take about this long on a slot: long enough to hide Dask's per-task cost
 #: (a few milliseconds), short enough to balance load and report progress smoothly.
-TARGET_SECONDS = 0.25
+TARGET_SECONDS = 0.5
 #: Upper bound on items per task, so one task's payload stays small in memory.
 MAX_ITEMS = 250_000
 #: A batch may be at most this many times the largest batch already timed: a function

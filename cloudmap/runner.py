@@ -35,8 +35,6 @@ from .payload import (
 
 #: Exit status of a slot process ended by the timeout watchdog (the node agent restarts it).
 TIMEOUT_EXIT_CODE = 75
-#: Time for the event loop to write a batch of messages once it left the buffer.
-WRITE_GRACE = 0.002
 #: How often a long batch checks whether its task was cancelled (Ctrl-C on the client).
 CANCEL_CHECK_SECONDS = 0.05
 
@@ -65,8 +63,9 @@ def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
     started = time.perf_counter()
     batch = load_batch(batch_blob)
     context = _TaskContext.current()
-    context.send_event(STARTED_TOPIC, {"key": str(context.key), "worker": context.address})
-    context.flush()  # before user code can end the process: see _TaskContext.flush
+    # Before any user code can end the process, the scheduler must know that this task
+    # started here (and that the previous one finished): see _TaskContext.send_now.
+    context.send_now(STARTED_TOPIC, {"key": str(context.key), "worker": context.address})
     try:
         fn = load_function(fn_blob)
     except BaseException as exc:  # the function's module may be missing on the node
@@ -179,20 +178,33 @@ class _TaskContext:
         if self._worker is not None:
             self._worker.log_event(topic, message)
 
-    def flush(self, timeout: float = 0.05) -> None:
-        """Wait until the worker has sent what it queued for the scheduler.
+    def send_now(self, topic: str, message: dict[str, Any], timeout: float = 0.05) -> None:
+        """Send an event and wait (at most ``timeout``) until it is written to the socket.
 
         Dask batches worker messages for a millisecond. A function that ends the process at
         once (a crash, ``os._exit``) would take along the news that the previous task
         finished and that this one started, so the client would blame the wrong item.
         """
         stream = getattr(self._worker, "batched_stream", None)
-        if stream is None or not hasattr(stream, "buffer"):
+        written = getattr(stream, "recent_message_log", None)
+        if stream is None or written is None:  # not in a worker, or Dask changed
+            self.send_event(topic, message)
             return
+        envelope = {"op": "log-event", "topic": topic, "msg": message}
+        self._worker.loop.add_callback(stream.send, envelope)
         deadline = time.monotonic() + timeout
-        while stream.buffer and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        time.sleep(WRITE_GRACE)  # the batch left the buffer; let the event loop write it
+        while time.monotonic() < deadline and not _was_written(envelope, written):
+            time.sleep(0.0002)
+
+
+def _was_written(envelope: dict[str, Any], written: Any) -> bool:
+    """Whether a batch holding ``envelope`` is among the last batches the stream wrote."""
+    for count, payload in enumerate(reversed(written)):
+        if count == 4:
+            return False
+        if isinstance(payload, list) and any(m is envelope for m in payload):
+            return True
+    return False
 
 
 class _Watchdog:

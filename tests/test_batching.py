@@ -20,10 +20,10 @@ def sized(observations: list[tuple[int, float]], **options: object) -> BatchSize
         # Nothing timed yet: one item per task, so a slow function is never over-batched.
         ([], 4, 1_000_000, 1),
         ([], 4, None, 1),
-        # 1 ms items: a 0.25 s task would hold 250 items, but one timing allows 32 at most...
+        # 1 ms items: a 0.5 s task would hold 500 items, but one timing allows 32 at most...
         ([(1, 0.001)], 2, 1_000_000, 32),
-        # ...and once 32 are timed, the full 250.
-        ([(1, 0.001), (32, 0.032)], 2, 1_000_000, 250),
+        # ...and once 32 are timed, the full 500.
+        ([(1, 0.001), (32, 0.032)], 2, 1_000_000, 500),
         # Growth is capped relative to the largest batch timed: x32 per step.
         ([(1, 1e-7)], 2, 10**9, 32),
         ([(1, 1e-7), (32, 32e-7)], 2, 10**9, 1024),
@@ -33,9 +33,9 @@ def sized(observations: list[tuple[int, float]], **options: object) -> BatchSize
         ([(1, 2.0)], 8, 1000, 1),
         # Guided tail: at most remaining / (2 * slots)...
         ([(1, 0.001), (200, 0.2)], 2, 400, 100),
-        # ...but never below an eighth of the target for tiny items.
+        # ...but never below an eighth of the target (62,500 items of 1 us here).
         ([(1, 1e-6), (256, 256e-6), (1000, 1e-3)], 2, 5000, 5000),
-        ([(1, 1e-6), (100_000, 0.1)], 2, 200_000, 50_000),
+        ([(1, 1e-6), (100_000, 0.1)], 2, 200_000, 62_500),
         # Never more than what is left.
         ([(1, 1e-6)], 2, 3, 3),
     ],
@@ -56,7 +56,7 @@ def test_estimate_follows_a_change_in_item_time() -> None:
     sizer = sized([(1, 0.001), (250, 0.25)])
     for _ in range(10):
         sizer.observe(250, 2.5)  # items became ten times slower
-    assert sizer.next_size(slots=2, remaining=None) < 40
+    assert sizer.next_size(slots=2, remaining=None) < 80  # 0.5 s of 10 ms items is 50
 
 
 def test_empty_observation_is_ignored() -> None:
