@@ -37,7 +37,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, suppre
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import dask
 import distributed
@@ -50,7 +50,6 @@ from workloads import calibrate_samples, map_blob, monte_carlo_pi
 
 import cloudmap
 
-T = TypeVar("T")
 Fn = Callable[[Any], Any]
 
 #: The start method of the multiprocessing and ProcessPoolExecutor peers: the platform's.
@@ -58,6 +57,10 @@ MP_CONTEXT = multiprocessing.get_context()
 #: How often the driver's memory is sampled during a measurement.
 RSS_INTERVAL = 0.003
 MB = 1024 * 1024
+#: A run during which other processes used more than this share of the CPUs is disturbed:
+#: it is measured again, at most ``Config.extra_runs`` times per measurement.
+DISTURBED = 0.05
+ACCOUNTING_SLACK = 0.1
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -108,22 +111,59 @@ def _release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class OtherLoad:
+    """The share of the machine's CPU time used by other processes since creation.
+
+    Numbers are only comparable on an otherwise idle machine; this says how idle it was.
+    "Ours" is this process and its descendants (workers, nodes), alive or reaped. The
+    kernel counts CPU time in 10 ms ticks per process, so ACCOUNTING_SLACK CPU-seconds are
+    forgiven: a short window is never called busy on rounding alone.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        system = psutil.cpu_times()
+        busy = sum(getattr(system, name, 0.0) for name in
+                   ("user", "nice", "system", "irq", "softirq", "steal"))  # fmt: skip
+        return time.monotonic(), busy, _our_cpu_seconds()
+
+    def share(self) -> float:
+        (start, busy_start, ours_start), (end, busy, ours) = self._start, self._sample()
+        others = (busy - busy_start) - (ours - ours_start) - ACCOUNTING_SLACK
+        return max(0.0, others) / ((end - start) * (psutil.cpu_count() or 1))
+
+
+def _our_cpu_seconds() -> float:
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        with suppress(psutil.Error):  # user, system, and those of its reaped children
+            total += sum(process.cpu_times()[:4])
+    return total
+
+
 class Timed(NamedTuple):
     value: Any
     seconds: float
     peak_mb: float
+    other_load: float  # share of the CPUs that other processes used meanwhile
 
 
-def measure(action: Callable[[], T]) -> Timed:
+def measure(action: Callable[[], Any]) -> Timed:
     """Run ``action`` once: its value, wall seconds and driver peak memory increase (MB).
 
     The one timing helper every peer and workload goes through.
     """
     with PeakRss() as rss:
+        other_load = OtherLoad()
         start = time.perf_counter()
         value = action()
         seconds = time.perf_counter() - start
-    return Timed(value, seconds, rss.increase_mb)
+        load = other_load.share()
+    return Timed(value, seconds, rss.increase_mb, load)
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -272,128 +312,134 @@ def startup_name(peer: Peer) -> str:
 class Config:
     workers: int
     noop_items: int
-    per_item_noop_items: int
+    per_item_noop_items: int  # for peers with one scheduler task per item
     mc_tasks: int
     mc_task_seconds: float
-    startup_runs: int
+    runs: int  # each measurement is repeated this many times; the median is reported
+    extra_runs: int  # at most this many runs again per measurement, when disturbed
+    quick: bool = False
 
     @classmethod
     def create(cls, *, quick: bool, workers: int) -> Config:
         if quick:
-            return cls(workers, 100_000, 1_000, 16, 0.05, 1)
-        return cls(workers, 1_000_000, 10_000, 64, 0.05, 3)
+            return cls(workers, 100_000, 1_000, 16, 0.05, runs=1, extra_runs=1, quick=True)
+        return cls(workers, 1_000_000, 10_000, 64, 0.05, runs=3, extra_runs=3)
 
 
 @dataclass
-class NoopResult:
-    items: int
-    seconds: float
-    peak_mb: float
+class Measured:
+    """Repeated runs of one measurement."""
+
+    items: int  # work items per run
+    runs: list[float]  # wall seconds of each run
+    peak_mb: float  # the largest driver memory increase of any run
+    other_load: float  # the largest share of the CPUs other processes used during a run
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.runs)
 
     @property
     def rate(self) -> float:
         return self.items / self.seconds
 
 
-@dataclass
-class MonteCarloResult:
-    seconds: float
-    efficiency: float
-
-
-@dataclass
-class StartupResult:
-    runs: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.runs)
+WORKLOADS = ("noop", "monte_carlo", "startup")
 
 
 @dataclass
 class PeerResult:
-    noop: NoopResult | None = None
-    monte_carlo: MonteCarloResult | None = None
-    startup: StartupResult | None = None
+    noop: Measured | None = None
+    monte_carlo: Measured | None = None
+    startup: Measured | None = None
     errors: list[str] = field(default_factory=list)
 
 
 @dataclass
 class MonteCarloSetup:
     samples: int
-    serial_seconds: float
+    expected: list[float] = field(default_factory=list, repr=False)
+    serial_runs: list[float] = field(default_factory=list)
 
     def tasks(self, count: int) -> tuple[Fn, range]:
         return partial(monte_carlo_pi, samples=self.samples), range(count)
+
+    @property
+    def serial_seconds(self) -> float:
+        """The best serial run: a slow moment of the machine must not inflate efficiencies."""
+        return min(self.serial_runs)
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check(what: str, value: object, expected: object) -> None:
-    if value != expected:
-        raise AssertionError(f"{what}: wrong results")
+def repeat(
+    what: str, config: Config, once: Callable[[], Timed], expected: Sequence[Any]
+) -> Measured:
+    """Run a measurement ``config.runs`` times, checking every run's results.
+
+    A run during which other processes used much CPU is measured again, a few times at most.
+    """
+    timings: list[Timed] = []
+    retries = config.extra_runs
+    while len(timings) < config.runs:
+        timed = once()
+        if timed.value != expected:
+            raise AssertionError(f"{what}: wrong results")
+        if timed.other_load > DISTURBED and retries:
+            retries -= 1
+            log(f"    other processes used {timed.other_load:.0%} of the CPUs: run again")
+            continue
+        timings.append(timed)
+    return Measured(
+        items=len(expected),
+        runs=[timed.seconds for timed in timings],
+        peak_mb=max(timed.peak_mb for timed in timings),
+        other_load=max(timed.other_load for timed in timings),
+    )
 
 
-def run_noop(session: Session, peer: Peer, config: Config) -> NoopResult:
-    items = range(config.per_item_noop_items if peer.per_item_tasks else config.noop_items)
-    timed = measure(lambda: session.map(abs, items))
-    check("no-op", timed.value, list(items))
-    return NoopResult(len(items), timed.seconds, timed.peak_mb)
-
-
-def run_monte_carlo(
-    session: Session, setup: MonteCarloSetup, expected: list[float], config: Config
-) -> MonteCarloResult:
+def calibrate_monte_carlo(config: Config) -> MonteCarloSetup:
+    """Size one task to ``mc_task_seconds`` here, and compute the expected results."""
+    setup = MonteCarloSetup(calibrate_samples(config.mc_task_seconds))
     fn, seeds = setup.tasks(config.mc_tasks)
-    timed = measure(lambda: session.map(fn, seeds))
-    check("Monte Carlo", timed.value, expected)
-    efficiency = setup.serial_seconds / (timed.seconds * config.workers)
-    return MonteCarloResult(timed.seconds, efficiency)
+    setup.expected = [fn(seed) for seed in seeds]
+    return setup
 
 
-def calibrate_monte_carlo(config: Config) -> tuple[MonteCarloSetup, list[float]]:
-    """Size one task to ``mc_task_seconds`` here, then time all tasks serially, in this process."""
-    samples = calibrate_samples(config.mc_task_seconds)
-    setup = MonteCarloSetup(samples, 0.0)
+def time_serial(setup: MonteCarloSetup, config: Config) -> None:
+    """Time the Monte Carlo tasks one after another in this process (before and after peers)."""
     fn, seeds = setup.tasks(config.mc_tasks)
-    timed = measure(lambda: [fn(seed) for seed in seeds])
-    setup.serial_seconds = timed.seconds
-    return setup, timed.value
+    serial = partial(measure, lambda: [fn(seed) for seed in seeds])
+    setup.serial_runs += repeat("serial Monte Carlo", config, serial, setup.expected).runs
 
 
-def run_steady(
-    peer: Peer, config: Config, setup: MonteCarloSetup, expected: list[float], result: PeerResult
-) -> None:
+def run_steady(peer: Peer, config: Config, setup: MonteCarloSetup, result: PeerResult) -> None:
     """Workloads 1 and 2 on one started, warmed-up peer."""
     with peer.open(config.workers) as session:
         session.ready()
-        session.map(abs, range(1000))  # warm-up: workers up, code paths and imports hot
+        fn, seeds = setup.tasks(config.mc_tasks)
+        session.map(partial(monte_carlo_pi, samples=10), range(200))  # warm-up, numpy imported
         log(f"  {peer.name}: no-op")
-        result.noop = run_noop(session, peer, config)
+        items = range(config.per_item_noop_items if peer.per_item_tasks else config.noop_items)
+        noop = partial(measure, partial(session.map, abs, items))
+        result.noop = repeat("no-op", config, noop, list(items))
         log(f"  {peer.name}: Monte Carlo")
-        result.monte_carlo = run_monte_carlo(session, setup, expected, config)
+        monte_carlo = partial(measure, partial(session.map, fn, seeds))
+        result.monte_carlo = repeat("Monte Carlo", config, monte_carlo, setup.expected)
 
 
-def start_to_first_result(peer: Peer, workers: int) -> float:
-    """Seconds from nothing to ``abs(-1)`` computed on a fresh peer; tear-down is not timed."""
+def start_to_first_result(peer: Peer, workers: int) -> Timed:
+    """From nothing to ``abs(-1)`` computed on a fresh peer; its tear-down is not timed."""
     with ExitStack() as stack:
-
-        def first() -> Any:
-            return stack.enter_context(peer.open(workers)).first(abs, -1)
-
-        timed = measure(first)
-        check("first result", timed.value, 1)
-    return timed.seconds
+        return measure(lambda: [stack.enter_context(peer.open(workers)).first(abs, -1)])
 
 
 def run_startup(peer: Peer, config: Config, result: PeerResult) -> None:
-    runs = []
-    for run in range(config.startup_runs):
-        log(f"  {startup_name(peer)}: start to first result, run {run + 1}")
-        runs.append(start_to_first_result(peer, config.workers))
-    result.startup = StartupResult(runs)
+    log(f"  {startup_name(peer)}: start to first result x {config.runs}")
+    once = partial(start_to_first_result, peer, config.workers)
+    result.startup = repeat("first result", config, once, [1])
 
 
 def guarded(result: PeerResult, name: str, action: Callable[[], None]) -> None:
@@ -409,10 +455,30 @@ def guarded(result: PeerResult, name: str, action: Callable[[], None]) -> None:
 # -- report ------------------------------------------------------------------------------
 
 
+@dataclass
+class Report:
+    config: Config
+    setup: MonteCarloSetup
+    results: dict[str, PeerResult]
+    other_load: float = 0.0  # share of the CPUs other processes used during the run
+
+    def pick(self, workload: str, metric: str) -> dict[str, float | None]:
+        """One metric of one workload for every peer (None where the peer failed)."""
+        picked = {}
+        for name, result in self.results.items():
+            measured = getattr(result, workload)
+            picked[name] = None if measured is None else getattr(measured, metric)
+        return picked
+
+    def efficiencies(self) -> dict[str, float | None]:
+        """Monte Carlo parallel efficiency: serial seconds / (wall seconds x workers)."""
+        seconds = self.pick("monte_carlo", "seconds")
+        work = self.setup.serial_seconds / self.config.workers
+        return {name: None if wall is None else work / wall for name, wall in seconds.items()}
+
+
 def ratio(value: float | None, reference: float | None) -> float | None:
-    if value is None or not reference:
-        return None
-    return value / reference
+    return None if value is None or not reference else value / reference
 
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -428,67 +494,46 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def noop_table(results: dict[str, PeerResult], config: Config) -> str:
-    reference = results[CLOUDMAP].noop
+def noop_table(report: Report) -> str:
+    items = report.pick("noop", "items")
+    rates = report.pick("noop", "rate")
+    memory = report.pick("noop", "peak_mb")
     rows = []
-    for name, result in results.items():
-        noop = result.noop
-        rate = noop.rate if noop else None
-        memory = noop.peak_mb if noop else None
-        items = f"{noop.items:,}" if noop else "n/a"
-        if noop and noop.items != config.noop_items:
-            items += " (rate only)"
-        rows.append(
-            [
-                name,
-                items,
-                fmt(rate, ",.0f"),
-                fmt(ratio(rate, reference.rate if reference else None), ".3g", "x"),
-                fmt(memory, ".1f"),
-                fmt(ratio(memory, reference.peak_mb if reference else None), ".3g", "x"),
-            ]
-        )
+    for name in report.results:
+        count = fmt(items[name], ",.0f")
+        if items[name] not in (None, report.config.noop_items):
+            count += " (rate only)"
+        rows.append([
+            name, count,
+            fmt(rates[name], ",.0f"), fmt(ratio(rates[name], rates[CLOUDMAP]), ".3g", "x"),
+            fmt(memory[name], ".1f"), fmt(ratio(memory[name], memory[CLOUDMAP]), ".3g", "x"),
+        ])  # fmt: skip
     headers = ["Peer", "Items", "Items/s", "Rate ratio to cloudmap (>1: peer faster)",
                "Driver peak MB", "Memory ratio to cloudmap (<1: peer leaner)"]  # fmt: skip
     return markdown_table(headers, rows)
 
 
-def monte_carlo_table(results: dict[str, PeerResult]) -> str:
-    reference = results[CLOUDMAP].monte_carlo
-    rows = []
-    for name, result in results.items():
-        mc = result.monte_carlo
-        seconds = mc.seconds if mc else None
-        rows.append(
-            [
-                name,
-                fmt(seconds, ".2f"),
-                fmt(ratio(seconds, reference.seconds if reference else None), ".3g", "x"),
-                fmt(mc.efficiency * 100 if mc else None, ".0f", " %"),
-            ]
-        )
+def monte_carlo_table(report: Report) -> str:
+    seconds = report.pick("monte_carlo", "seconds")
+    efficiency = report.efficiencies()
+    rows = [
+        [name, fmt(seconds[name], ".2f"), fmt(ratio(seconds[name], seconds[CLOUDMAP]), ".3g", "x"),
+         fmt(efficiency[name], ".0%")]
+        for name in report.results
+    ]  # fmt: skip
     headers = ["Peer", "Wall s", "Time ratio to cloudmap (>1: cloudmap faster)",
                "Parallel efficiency"]  # fmt: skip
     return markdown_table(headers, rows)
 
 
-def startup_table(results: dict[str, PeerResult]) -> str:
-    reference = results[CLOUDMAP].startup
+def startup_table(report: Report) -> str:
+    medians = report.pick("startup", "seconds")
     rows = []
-    for peer in PEERS:
-        startup = results[peer.name].startup
-        if not peer.startup:
-            continue
-        median = startup.median if startup else None
+    for peer in (peer for peer in PEERS if peer.startup):
+        startup = report.results[peer.name].startup
         runs = ", ".join(f"{s:.2f}" for s in startup.runs) if startup else "n/a"
-        rows.append(
-            [
-                startup_name(peer),
-                fmt(median, ".2f"),
-                runs,
-                fmt(ratio(median, reference.median if reference else None), ".3g", "x"),
-            ]
-        )
+        rows.append([startup_name(peer), fmt(medians[peer.name], ".2f"), runs,
+                     fmt(ratio(medians[peer.name], medians[CLOUDMAP]), ".3g", "x")])  # fmt: skip
     headers = ["Peer", "Median s", "Runs s", "Time ratio to cloudmap (>1: cloudmap faster)"]
     return markdown_table(headers, rows)
 
@@ -499,88 +544,107 @@ class Target(NamedTuple):
     met: bool
 
 
-def targets(results: dict[str, PeerResult]) -> list[Target]:
-    def rate(name: str) -> float | None:
-        noop = results[name].noop
-        return noop.rate if noop else None
-
-    def startup(name: str) -> float | None:
-        result = results[name].startup
-        return result.median if result else None
-
-    mc = results[CLOUDMAP].monte_carlo
-    checks = [
-        ("no-op rate >= 0.5x multiprocessing.Pool", ratio(rate(CLOUDMAP), rate(MULTIPROCESSING)),
-         lambda v: v >= 0.5),
-        ("no-op rate >= 50x Dask one task per item", ratio(rate(CLOUDMAP), rate(DASK_PER_ITEM)),
-         lambda v: v >= 50),
-        ("Monte Carlo efficiency >= 90 %", mc.efficiency if mc else None, lambda v: v >= 0.9),
-        ("start to first result <= 1.5x Dask LocalCluster",
-         ratio(startup(CLOUDMAP), startup(DASK_PER_ITEM)), lambda v: v <= 1.5),
+def targets(report: Report) -> list[Target]:
+    rates = report.pick("noop", "rate")
+    efficiency = report.efficiencies()[CLOUDMAP]
+    startup = report.pick("startup", "seconds")
+    checks: list[tuple[str, float | None, Callable[[float], bool]]] = [
+        ("no-op rate >= 0.5x multiprocessing.Pool",
+         ratio(rates[CLOUDMAP], rates[MULTIPROCESSING]), lambda v: v >= 0.5),
+        ("no-op rate >= 50x Dask one task per item",
+         ratio(rates[CLOUDMAP], rates[DASK_PER_ITEM]), lambda v: v >= 50),
+        ("Monte Carlo efficiency >= 90 %", efficiency, lambda v: v >= 0.9),
+        ("start to first result <= 1.5x Dask LocalCluster's",
+         ratio(startup[CLOUDMAP], startup[DASK_PER_ITEM]), lambda v: v <= 1.5),
     ]  # fmt: skip
     return [Target(text, value, value is not None and ok(value)) for text, value, ok in checks]
 
 
-def render(results: dict[str, PeerResult], config: Config, setup: MonteCarloSetup) -> str:
+def versions() -> str:
+    modules = (cloudmap, dask, distributed, joblib, np)
+    return ", ".join(f"{m.__name__} {m.__version__}" for m in modules)
+
+
+def render(report: Report) -> str:
+    config, setup = report.config, report.setup
     lines = [
         f"Machine: {os.cpu_count()} cores, {platform.platform()}, Python "
-        f"{platform.python_version()}; cloudmap {cloudmap.__version__}, dask {dask.__version__}, "
-        f"distributed {distributed.__version__}, joblib {joblib.__version__}, numpy "
-        f"{np.__version__}. Every peer runs {config.workers} worker processes (cloudmap: "
-        f"{config.workers} nodes x 1 slot); multiprocessing start method: "
-        f"{MP_CONTEXT.get_start_method()}.",
+        f"{platform.python_version()}; {versions()}. Every peer runs {config.workers} worker "
+        f"processes (cloudmap: {config.workers} nodes x 1 slot); multiprocessing start method "
+        f"{MP_CONTEXT.get_start_method()}. Times are medians of {config.runs} run(s). "
+        f"Other processes used {report.other_load:.0%} of the CPUs during the run.",
         "",
         f"### 1. No-op items: `abs` over `range({config.noop_items:,})`",
         "",
-        f"Timed after a warm-up. Dask one task per item runs {config.per_item_noop_items:,} "
-        "items (rate only; its memory is for those items). Driver peak MB: increase of the "
-        "client process's RSS high-water mark during the run.",
+        f"Timed after a warm-up map. Dask one task per item runs {config.per_item_noop_items:,} "
+        "items (its memory is for those items). Driver peak MB: increase of the client "
+        "process's RSS high-water mark during a run (largest of the runs).",
         "",
-        noop_table(results, config),
+        noop_table(report),
         "",
-        f"### 2. Monte Carlo: {config.mc_tasks} numpy tasks of ~{config.mc_task_seconds * 1000:.0f}"
-        " ms",
+        f"### 2. Monte Carlo: {config.mc_tasks} numpy tasks of "
+        f"~{config.mc_task_seconds * 1000:.0f} ms",
         "",
-        f"{setup.samples:,} samples per task; serial time in the driver "
-        f"{setup.serial_seconds:.2f} s. Efficiency = serial / (wall x {config.workers} "
+        f"{setup.samples:,} samples per task; serial time in the driver (best of "
+        f"{len(setup.serial_runs)}, before and after the peers) {setup.serial_seconds:.2f} s. "
+        f"Efficiency = serial / (wall x {config.workers} "
         "workers).",
         "",
-        monte_carlo_table(results),
+        monte_carlo_table(report),
         "",
         "### 3. Start to first result",
         "",
-        f"Fresh pool or cluster to the result of `abs(-1)`, imports done; median of "
-        f"{config.startup_runs} run(s), tear-down not timed.",
+        "Fresh pool or cluster to the result of `abs(-1)`, imports done; tear-down not timed.",
         "",
-        startup_table(results),
+        startup_table(report),
         "",
         "### Targets",
         "",
     ]
-    for target in targets(results):
+    if config.quick:
+        lines += ["A --quick run is too small to judge them (cloudmap learns batch sizes as it "
+                  "goes); run without --quick.", ""]  # fmt: skip
+    for target in targets(report):
         mark = "met" if target.met else "MISSED"
         lines.append(f"- {target.text}: {fmt(target.value, '.3g')} -> {mark}")
-    errors = [f"- {name}: {e}" for name, r in results.items() for e in r.errors]
+    disturbed = [
+        f"{name} ({workload})"
+        for name, result in report.results.items()
+        for workload in WORKLOADS
+        if (measured := getattr(result, workload)) and measured.other_load > DISTURBED
+    ]
+    if disturbed:
+        lines.append(
+            f"\nDisturbed by other processes (over {DISTURBED:.0%} of the CPUs) even when "
+            f"measured again: {', '.join(disturbed)}."
+        )
+    errors = [f"- {name}: {e}" for name, r in report.results.items() for e in r.errors]
     if errors:
         lines += ["", "### Errors", "", *errors]
     return "\n".join(lines)
 
 
-def to_json(results: dict[str, PeerResult], config: Config, setup: MonteCarloSetup) -> Any:
-    peers = {}
-    for name, result in results.items():
-        peers[name] = asdict(result)
-        if result.noop:
-            peers[name]["noop"]["rate"] = result.noop.rate
-        if result.startup:
-            peers[name]["startup"]["median"] = result.startup.median
+def to_json(report: Report) -> dict[str, Any]:
+    efficiencies = report.efficiencies()
+    peers: dict[str, dict[str, Any]] = {}
+    for name, result in report.results.items():
+        peers[name] = {"errors": result.errors}
+        for workload in WORKLOADS:
+            measured: Measured | None = getattr(result, workload)
+            peers[name][workload] = measured and {
+                **asdict(measured), "seconds": measured.seconds, "rate": measured.rate
+            }  # fmt: skip
+        if result.monte_carlo:
+            peers[name]["monte_carlo"]["efficiency"] = efficiencies[name]
     return {
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "config": asdict(config),
-        "monte_carlo": asdict(setup),
+                    "python": platform.python_version(), "versions": versions(),
+                    "other_load": report.other_load},
+        "config": asdict(report.config),
+        "monte_carlo": {"samples": report.setup.samples, "serial_runs": report.setup.serial_runs,
+                        "serial_seconds": report.setup.serial_seconds},
         "peers": peers,
-        "targets": [target._asdict() for target in targets(results)],
+        "targets": [target._asdict() for target in targets(report)],
     }  # fmt: skip
 
 
@@ -599,20 +663,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config.create(quick=args.quick, workers=args.workers)
-    log("calibrating the Monte Carlo task")
-    setup, expected = calibrate_monte_carlo(config)
+    other_load = OtherLoad()
+    log("calibrating the Monte Carlo task, timing it serially")
+    setup = calibrate_monte_carlo(config)
+    time_serial(setup, config)
     results = {peer.name: PeerResult() for peer in PEERS}
     log("no-op and Monte Carlo")
     for peer in PEERS:
         result = results[peer.name]
-        guarded(result, peer.name, partial(run_steady, peer, config, setup, expected, result))
+        guarded(result, peer.name, partial(run_steady, peer, config, setup, result))
+    log("timing the Monte Carlo tasks serially again")
+    time_serial(setup, config)
     log("start to first result")
     for peer in (peer for peer in PEERS if peer.startup):
         result = results[peer.name]
         guarded(result, peer.name, partial(run_startup, peer, config, result))
-    print(render(results, config, setup))
+    report = Report(config, setup, results, other_load.share())
+    print(render(report))
     if args.json:
-        args.json.write_text(json.dumps(to_json(results, config, setup), indent=2) + "\n")
+        args.json.write_text(json.dumps(to_json(report), indent=2) + "\n")
     return 1 if any(result.errors for result in results.values()) else 0
 
 
