@@ -15,6 +15,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -41,7 +42,9 @@ from .payload import (
     dump_items_batch,
     load_result,
 )
-from .progress import ProgressCounts, ProgressReporter
+from .progress import ProgressCounts, make_reporter
+from .seeding import check_accepts_rng, check_seed
+from .validation import check_int, check_positive
 
 ON_ERROR_CHOICES = ("raise", "return", "skip")
 #: An item lost this many times with a slot it did not run on is then run on its own.
@@ -49,6 +52,34 @@ MAX_FREE_REQUEUES = 3
 #: With on_error="raise", how long tasks already running may finish after the failure, so
 #: that their results come back with the error instead of being thrown away.
 DRAIN_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """How one map runs: the keyword options of ``map``, ``imap`` and ``executor()``."""
+
+    seed: int | None = None
+    batch_size: int | None = None
+    retries: int = 0
+    timeout: float | None = None
+    on_error: str = "raise"
+    progress: Any = None
+
+    def checked(self, fn: Callable[..., Any]) -> MapOptions:
+        """Validate every option before any work is sent; return them normalised."""
+        seed = self.seed
+        if seed is not None:
+            seed = check_seed(seed)
+            check_accepts_rng(fn)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1)
+        check_int("retries", self.retries, minimum=0)
+        if self.timeout is not None:
+            check_positive("timeout", self.timeout)
+        if self.on_error not in ON_ERROR_CHOICES:
+            choices = ", ".join(map(repr, ON_ERROR_CHOICES))
+            raise InputError(f"on_error={self.on_error!r} is not one of {choices}")
+        return replace(self, seed=seed)
 
 
 class _Skipped:
@@ -120,16 +151,11 @@ class MapEngine:
         cluster: DaskCluster,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
+        options: MapOptions,
         *,
         slots: Callable[[], int],
         is_closed: Callable[[], bool],
-        seed: int | None = None,
-        batch_size: int | None = None,
-        retries: int = 0,
-        timeout: float | None = None,
-        on_error: str = "raise",
         ordered: bool = True,
-        reporter: ProgressReporter | None = None,
         label: str = "map",
     ) -> None:
         self._cluster = cluster
@@ -138,14 +164,14 @@ class MapEngine:
         self._source, self._total = _open_source(iterables)
         self._slots = slots
         self._is_closed = is_closed
-        self._seed = seed
-        self._retries = retries
-        self._timeout = timeout
-        self._on_error = on_error
+        self._seed = options.seed
+        self._retries = options.retries
+        self._timeout = options.timeout
+        self._on_error = options.on_error
         self._ordered = ordered
-        self._reporter = reporter
+        self._reporter = make_reporter(options.progress)
         self._label = label
-        self._sizer = BatchSizer(fixed=batch_size)
+        self._sizer = BatchSizer(fixed=options.batch_size)
         self._done: queue.SimpleQueue[tuple[_Task, str, Any]] = queue.SimpleQueue()
         self._tasks: dict[str, _Task] = {}
         self._open: deque[_SourceBatch] = deque()
@@ -223,7 +249,10 @@ class MapEngine:
         if self._failure is not None:
             return  # draining: no new work after a fatal failure
         slots = max(1, self._slots())
-        window = 2 * slots + 2
+        # Until the first timing arrives every batch holds one item: keep just one per slot
+        # in flight then, rather than a window of single-item tasks.
+        learning = self._sizer.seconds_per_item is None and self._sizer.fixed is None
+        window = slots if learning else 2 * slots + 2
         while len(self._tasks) < window:
             if self._retry:
                 self._submit_retry(slots)

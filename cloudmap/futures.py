@@ -11,13 +11,14 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from distributed.scheduler import KilledWorker
 
 from .cluster import DaskCluster
-from .engine import MAX_FREE_REQUEUES
-from .errors import PoolClosedError, TaskError, WorkerLostError
+from .engine import MAX_FREE_REQUEUES, MapOptions
+from .errors import InputError, PoolClosedError, TaskError, WorkerLostError
 from .nodes import node_of
 from .payload import BatchResult, load_result
 
@@ -136,7 +137,14 @@ class PoolExecutor(concurrent.futures.Executor):
 
     def __init__(self, pool: Pool, **map_options: Any) -> None:
         self._pool = pool
-        self._map_options = map_options
+        known = {f.name for f in fields(MapOptions)}
+        unknown = sorted(set(map_options) - known)
+        if unknown:
+            raise InputError(
+                f"executor() does not take {', '.join(unknown)}; "
+                f"its options are those of map: {', '.join(sorted(known))}"
+            )
+        self._options = MapOptions(**{"progress": False, **map_options})
         self._shutdown = False
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
@@ -165,8 +173,7 @@ class PoolExecutor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         deadline = None if timeout is None else time.monotonic() + timeout
-        options = {"progress": False, **self._map_options}
-        return self._pool._imap(fn, iterables, ordered=True, deadline=deadline, **options)
+        return self._pool._imap(fn, iterables, self._options, ordered=True, deadline=deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

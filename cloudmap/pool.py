@@ -16,15 +16,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .cluster import DaskCluster
-from .engine import ON_ERROR_CHOICES, SKIPPED, MapEngine
+from .engine import SKIPPED, MapEngine, MapOptions
 from .errors import InputError, NoNodesError, PoolClosedError, PoolStartError, TaskError
 from .futures import Future, PoolExecutor
 from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
 from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
-from .progress import make_reporter
 from .providers import PoolSpec, Provider, get_provider
 from .providers.base import StartTask
-from .seeding import check_accepts_rng, check_seed
+from .validation import check_int, check_positive
 
 _READY = (NodeState.IDLE, NodeState.RUNNING)
 #: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
@@ -75,13 +74,13 @@ class Pool:
         start_timeout: float = START_TIMEOUT,
         **provider_options: Any,
     ) -> None:
-        _check_int("slots_per_node", slots_per_node, minimum=1)
+        check_int("slots_per_node", slots_per_node, minimum=1)
         if nodes is None:
             nodes = max(1, (os.cpu_count() or 1) // slots_per_node)
-        _check_int("nodes", nodes, minimum=0)
-        _check_positive("start_timeout", start_timeout)
+        check_int("nodes", nodes, minimum=0)
+        check_positive("start_timeout", start_timeout)
         if start_task_timeout is not None:
-            _check_positive("start_task_timeout", start_task_timeout)
+            check_positive("start_task_timeout", start_task_timeout)
         if start_task is not None and not (isinstance(start_task, str) or callable(start_task)):
             raise InputError(
                 f"start_task={start_task!r} is neither a shell command string nor a callable"
@@ -286,8 +285,8 @@ class Pool:
         >>> pool.map(lambda x, y: x + y, [1, 2], [10, 20])    # doctest: +SKIP
         [11, 22]
         """
-        engine = self._engine(fn, iterables, seed, batch_size, retries, timeout, on_error,
-                              True, progress, "map")  # fmt: skip
+        options = MapOptions(seed, batch_size, retries, timeout, on_error, progress)
+        engine = self._engine(fn, iterables, options, ordered=True, label="map")
         results: list[Any] = []
         try:
             engine.start()
@@ -320,27 +319,20 @@ class Pool:
         are in flight or buffered at a time. ``ordered=False`` yields in completion order.
         Work starts at the call; stopping the iteration cancels what is still queued.
         """
-        options = {"seed": seed, "batch_size": batch_size, "retries": retries,
-                   "timeout": timeout, "on_error": on_error, "progress": progress}  # fmt: skip
-        return self._imap(fn, iterables, ordered=ordered, **options)
+        options = MapOptions(seed, batch_size, retries, timeout, on_error, progress)
+        return self._imap(fn, iterables, options, ordered=ordered)
 
     def _imap(
         self,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
+        options: MapOptions,
         *,
         ordered: bool,
         deadline: float | None = None,
-        seed: int | None = None,
-        batch_size: int | None = None,
-        retries: int = 0,
-        timeout: float | None = None,
-        on_error: str = "raise",
-        progress: Any = None,
     ) -> Iterator[Any]:
         label = "imap" if ordered else "imap-unordered"
-        engine = self._engine(fn, iterables, seed, batch_size, retries, timeout, on_error,
-                              ordered, progress, label)  # fmt: skip
+        engine = self._engine(fn, iterables, options, ordered=ordered, label=label)
         engine.start()
         return _values(engine, deadline)
 
@@ -353,41 +345,20 @@ class Pool:
         self,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
-        seed: int | None,
-        batch_size: int | None,
-        retries: int,
-        timeout: float | None,
-        on_error: str,
+        options: MapOptions,
+        *,
         ordered: bool,
-        progress: Any,
         label: str,
     ) -> MapEngine:
         self._slots()
-        if seed is not None:
-            seed = check_seed(seed)
-            check_accepts_rng(fn)
-        if batch_size is not None:
-            _check_int("batch_size", batch_size, minimum=1)
-        _check_int("retries", retries, minimum=0)
-        if timeout is not None:
-            _check_positive("timeout", timeout)
-        if on_error not in ON_ERROR_CHOICES:
-            raise InputError(
-                f"on_error={on_error!r} is not one of {', '.join(map(repr, ON_ERROR_CHOICES))}"
-            )
         return MapEngine(
             self._cluster,
             fn,
             iterables,
+            options.checked(fn),
             slots=self._slots,
             is_closed=lambda: self._closed,
-            seed=seed,
-            batch_size=batch_size,
-            retries=retries,
-            timeout=timeout,
-            on_error=on_error,
             ordered=ordered,
-            reporter=make_reporter(progress),
             label=label,
         )
 
@@ -437,13 +408,3 @@ def _start_failure_message(nodes: list[Any]) -> str:
     else:
         message += " Check the node logs; the pool was removed."
     return message
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name}={value!r} is not valid: pass an integer >= {minimum}")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InputError(f"{name}={value!r} is not valid: pass a number of seconds > 0")

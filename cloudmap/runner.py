@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -114,7 +114,7 @@ def _call_items(
         if rng_for is not None:
             kwargs["rng"] = rng_for(batch.indices[position])
         if watchdog is not None:
-            watchdog.arm(context, position, batch.timeout, values, errors)
+            watchdog.arm(_Armed(context, position, batch.timeout, values, errors))
         try:
             if batch.call == CALL_ONE:
                 values[position] = fn(item, **kwargs)
@@ -207,6 +207,16 @@ def _was_written(envelope: dict[str, Any], written: Any) -> bool:
     return False
 
 
+class _Armed(NamedTuple):
+    """The item a watchdog guards: where it is, its limit, and the batch's results so far."""
+
+    context: _TaskContext
+    position: int
+    timeout: float
+    values: list[Any]
+    errors: dict[int, RemoteError]
+
+
 class _Watchdog:
     """One thread per slot process that ends the process when an item overruns its timeout."""
 
@@ -216,8 +226,7 @@ class _Watchdog:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._deadline: float | None = None
-        self._armed: tuple[_TaskContext, int, float, list[Any], dict[int, RemoteError]] | None
-        self._armed = None
+        self._armed: _Armed | None = None
         threading.Thread(target=self._watch, name="cloudmap-timeout-watchdog", daemon=True).start()
 
     @classmethod
@@ -227,17 +236,10 @@ class _Watchdog:
                 cls._instance = cls()
             return cls._instance
 
-    def arm(
-        self,
-        context: _TaskContext,
-        position: int,
-        timeout: float,
-        values: list[Any],
-        errors: dict[int, RemoteError],
-    ) -> None:
+    def arm(self, armed: _Armed) -> None:
         with self._condition:
-            self._armed = (context, position, timeout, values, errors)
-            self._deadline = time.monotonic() + timeout
+            self._armed = armed
+            self._deadline = time.monotonic() + armed.timeout
             self._condition.notify()
 
     def disarm(self) -> None:
@@ -266,6 +268,7 @@ class _Watchdog:
         values: list[Any],
         errors: dict[int, RemoteError],
     ) -> None:
+        """Send the items done so far and the culprit's timeout error, then end the slot."""
         overrun = TaskTimeoutError(
             f"the item ran longer than timeout={timeout:g} s; its slot process was ended "
             "and replaced"
