@@ -20,6 +20,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, Scheduler, SchedulerPlugin, SpecCluster
 
+from .dask_config import LOW_OVERHEAD
 from .nodes import node_of
 from .payload import STARTED_TOPIC, TIMEOUT_TOPIC
 from .runner import exit_slot, run_batch
@@ -51,11 +52,7 @@ class DaskCluster:
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
-        # No work stealing: batches are sized to balance the slots already, and a stolen
-        # task would run on a slot other than the one it told the client it started on.
-        # Stealing's 100 ms balancing pass also costs the client's process CPU that the
-        # slots on the same machine could use.
-        with dask.config.set({"distributed.scheduler.work-stealing": False}):
+        with dask.config.set(LOW_OVERHEAD):
             self._cluster = self._start_scheduler(host)
         self.client = Client(self._cluster, direct_to_workers=True)
         _shorten_batching_intervals(self.client, self._cluster.scheduler)

@@ -60,9 +60,6 @@ class NodeAgent:
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
-            # Dask's statistical profiler samples the task thread every 10 ms, which costs
-            # a slot's only core several per cent; cloudmap does not show its output.
-            "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
             **self.config.env,
             **self.layout.environment(self.config.pool_id, self.config.node_id),
         }

@@ -15,8 +15,12 @@ JOINED_MARKER = "joined"
 
 
 async def serve(scheduler: str, name: str, directory: str) -> None:
+    import dask
     from distributed import Worker
 
+    from ..dask_config import LOW_OVERHEAD
+
+    dask.config.set(LOW_OVERHEAD)
     async with Worker(
         scheduler,
         name=name,
