@@ -18,6 +18,8 @@ MAX_ITEMS = 250_000
 #: A batch may be at most this many times the largest batch already timed: a function
 #: whose first items happened to be quick is never handed a huge batch on that evidence.
 GROWTH = 32
+#: Weight kept by past timings at each new one (see BatchSizer.observe).
+DECAY = 0.7
 #: Near the end, batches shrink for balance, but never below this fraction of the target:
 #: for tiny items, many tiny tail tasks would cost more than the imbalance they avoid.
 TAIL_FRACTION = 0.125
@@ -40,36 +42,56 @@ class BatchSizer:
     max_items: int = MAX_ITEMS
     growth: int = GROWTH
     tail_fraction: float = TAIL_FRACTION
-    _seconds_per_item: float | None = field(default=None, init=False)
+    _timed_seconds: float = field(default=0.0, init=False)
+    _timed_items: float = field(default=0.0, init=False)
     _largest_timed: int = field(default=0, init=False)
 
     def observe(self, items: int, seconds: float) -> None:
-        """Record that a task of ``items`` items computed in ``seconds`` on its slot."""
+        """Record that a task of ``items`` items computed in ``seconds`` on its slot.
+
+        The estimate is total time over total items, both decayed per observation: a big
+        batch outweighs a small one (whose time is mostly overhead and warm-up), and a
+        change in item cost shows within a few tasks.
+        """
         if items <= 0:
             return
-        per_item = max(seconds, 0.0) / items
-        if self._seconds_per_item is None:
-            self._seconds_per_item = per_item
-        else:  # weight by items so a big batch's timing outweighs a tiny one's noise
-            weight = min(0.5, items / (items + self._largest_timed + 1) + 0.1)
-            self._seconds_per_item += weight * (per_item - self._seconds_per_item)
+        self._timed_seconds = self._timed_seconds * DECAY + max(seconds, 0.0)
+        self._timed_items = self._timed_items * DECAY + items
         self._largest_timed = max(self._largest_timed, items)
 
     @property
     def seconds_per_item(self) -> float | None:
         """The current estimate of one item's compute time, or None before any timing."""
-        return self._seconds_per_item
+        if self._timed_items == 0:
+            return None
+        return self._timed_seconds / self._timed_items
+
+    @property
+    def ramping(self) -> bool:
+        """True while batches are still capped by what has been timed, not by the target.
+
+        The engine keeps one task per slot in flight then, so that each bigger batch is
+        timed as soon as possible instead of queueing behind smaller ones.
+        """
+        if self.fixed is not None:
+            return False
+        per_item = self.seconds_per_item
+        if per_item is None:
+            return True
+        return self._ideal_size(per_item) > max(1, self._largest_timed) * self.growth
+
+    def _ideal_size(self, per_item: float) -> int:
+        return min(int(self.target_seconds / max(per_item, 1e-9)), self.max_items)
 
     def next_size(self, *, slots: int, remaining: int | None) -> int:
         """Items for the next task, given the slots in the pool and items left (if known)."""
         if self.fixed is not None:
             size = self.fixed
-        elif self._seconds_per_item is None:
+        elif (per_item := self.seconds_per_item) is None:
             size = 1
         else:
-            per_item = max(self._seconds_per_item, 1e-9)
-            size = int(self.target_seconds / per_item)
-            size = min(size, max(1, self._largest_timed) * self.growth, self.max_items)
+            per_item = max(per_item, 1e-9)
+            size = min(self._ideal_size(per_item), max(1, self._largest_timed) * self.growth)
             if remaining is not None:
                 # Guided self-scheduling: never more than a share of what is left, so the
                 # last tasks are small and finish together on all slots.

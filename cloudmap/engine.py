@@ -249,10 +249,9 @@ class MapEngine:
         if self._failure is not None:
             return  # draining: no new work after a fatal failure
         slots = max(1, self._slots())
-        # Until the first timing arrives every batch holds one item: keep just one per slot
-        # in flight then, rather than a window of single-item tasks.
-        learning = self._sizer.seconds_per_item is None and self._sizer.fixed is None
-        window = slots if learning else 2 * slots + 2
+        # While batch sizes are still growing from timings, one task per slot: each bigger
+        # batch is then timed at once instead of waiting behind a queue of smaller ones.
+        window = slots if self._sizer.ramping else 2 * slots + 2
         while len(self._tasks) < window:
             if self._retry:
                 self._submit_retry(slots)

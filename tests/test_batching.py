@@ -35,7 +35,7 @@ def sized(observations: list[tuple[int, float]], **options: object) -> BatchSize
         ([(1, 0.001), (200, 0.2)], 2, 400, 100),
         # ...but never below an eighth of the target (62,500 items of 1 us here).
         ([(1, 1e-6), (256, 256e-6), (1000, 1e-3)], 2, 5000, 5000),
-        ([(1, 1e-6), (100_000, 0.1)], 2, 200_000, 62_500),
+        ([(100_000, 0.1)], 2, 200_000, 62_500),
         # Never more than what is left.
         ([(1, 1e-6)], 2, 3, 3),
     ],
@@ -62,3 +62,17 @@ def test_estimate_follows_a_change_in_item_time() -> None:
 def test_empty_observation_is_ignored() -> None:
     sizer = sized([(0, 1.0)])
     assert sizer.seconds_per_item is None
+
+
+@pytest.mark.parametrize(
+    ("observations", "fixed", "ramping"),
+    [
+        ([], None, True),  # nothing timed yet
+        ([(1, 1e-7)], None, True),  # tiny items: 32 allowed, far from the 250,000 wanted
+        ([(1, 1e-7), (32_768, 32_768e-7)], None, False),  # the cap no longer binds
+        ([(1, 0.05)], None, False),  # 50 ms items: 10 per batch, within 32x of 1
+        ([], 7, False),  # a fixed size never ramps
+    ],
+)
+def test_ramping(observations: list[tuple[int, float]], fixed: int | None, ramping: bool) -> None:
+    assert sized(observations, fixed=fixed).ramping is ramping
