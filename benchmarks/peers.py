@@ -10,6 +10,11 @@ worker processes (one per core) for every peer:
 2. Monte Carlo numpy tasks of about 50 ms: wall time and parallel efficiency;
 3. start to first result: fresh pool or cluster to the result of one trivial call.
 
+This machine's CPU speed drifts (the same task takes 28 or 50 ms, in phases of seconds to
+tens of seconds), so peers are measured in rounds, each peer once per workload per round,
+and every Monte Carlo run is compared with a serial baseline timed just before it. Medians
+over rounds are reported, with the spread of the baselines to show the drift.
+
 Run ``python benchmarks/peers.py`` (``--quick`` for a smoke run, ``--json PATH`` to save the
 raw numbers). It prints one Markdown table per workload, ratios to cloudmap, and the targets.
 Progress goes to stderr, so stdout is the report alone.
@@ -58,7 +63,7 @@ MP_CONTEXT = multiprocessing.get_context()
 RSS_INTERVAL = 0.003
 MB = 1024 * 1024
 #: A run during which other processes used more than this share of the CPUs is disturbed:
-#: it is measured again, at most ``Config.extra_runs`` times per measurement.
+#: it is measured again, at most ``Config.retries`` times per run.
 DISTURBED = 0.05
 ACCOUNTING_SLACK = 0.1
 
@@ -315,25 +320,31 @@ class Config:
     per_item_noop_items: int  # for peers with one scheduler task per item
     mc_tasks: int
     mc_task_seconds: float
-    runs: int  # each measurement is repeated this many times; the median is reported
-    extra_runs: int  # at most this many runs again per measurement, when disturbed
+    rounds: int  # every peer is measured once per workload per round; medians over rounds
+    retries: int  # a run disturbed by other processes is measured again at most this often
     quick: bool = False
 
     @classmethod
     def create(cls, *, quick: bool, workers: int) -> Config:
         if quick:
-            return cls(workers, 100_000, 1_000, 16, 0.05, runs=1, extra_runs=1, quick=True)
-        return cls(workers, 1_000_000, 10_000, 64, 0.05, runs=3, extra_runs=3)
+            return cls(workers, 100_000, 1_000, 16, 0.05, rounds=2, retries=1, quick=True)
+        return cls(workers, 1_000_000, 5_000, 64, 0.05, rounds=5, retries=1)
 
 
 @dataclass
 class Measured:
-    """Repeated runs of one measurement."""
+    """The runs of one measurement, one per round."""
 
     items: int  # work items per run
-    runs: list[float]  # wall seconds of each run
-    peak_mb: float  # the largest driver memory increase of any run
-    other_load: float  # the largest share of the CPUs other processes used during a run
+    runs: list[float] = field(default_factory=list)  # wall seconds of each run
+    peak_mb: float = 0.0  # the largest driver memory increase of any run
+    other_load: float = 0.0  # the largest share of the CPUs other processes used during a run
+
+    def add(self, timed: Timed) -> None:
+        """Record one more run: its time, and the worst memory and disturbance so far."""
+        self.runs.append(timed.seconds)
+        self.peak_mb = max(self.peak_mb, timed.peak_mb)
+        self.other_load = max(self.other_load, timed.other_load)
 
     @property
     def seconds(self) -> float:
@@ -352,82 +363,103 @@ class PeerResult:
     noop: Measured | None = None
     monte_carlo: Measured | None = None
     startup: Measured | None = None
+    #: Monte Carlo parallel efficiency of each run, against the serial baseline timed just
+    #: before it.
+    efficiencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    def add(self, workload: str, timed: Timed) -> None:
+        """Record one checked run of ``workload``; its value is the list of results."""
+        measured = getattr(self, workload) or Measured(items=len(timed.value))
+        measured.add(timed)
+        setattr(self, workload, measured)
 
 
 @dataclass
 class MonteCarloSetup:
     samples: int
+    #: Tasks in a serial baseline: one worker's share, so that the baseline lasts about as
+    #: long as the parallel run it is compared with and sees the same phase of the machine.
+    serial_tasks: int
     expected: list[float] = field(default_factory=list, repr=False)
-    serial_runs: list[float] = field(default_factory=list)
+    serial_runs: list[float] = field(default_factory=list)  # seconds; one per peer and round
 
     def tasks(self, count: int) -> tuple[Fn, range]:
         return partial(monte_carlo_pi, samples=self.samples), range(count)
 
     @property
     def serial_seconds(self) -> float:
-        """The best serial run: a slow moment of the machine must not inflate efficiencies."""
-        return min(self.serial_runs)
+        """The median baseline: only reported, as every run has a baseline of its own."""
+        return statistics.median(self.serial_runs)
+
+    def efficiency(self, serial: float, wall: float, config: Config) -> float:
+        """Parallel efficiency: the baseline's seconds per task x tasks / (wall x workers)."""
+        return serial / self.serial_tasks * config.mc_tasks / (wall * config.workers)
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def repeat(
+def checked_run(
     what: str, config: Config, once: Callable[[], Timed], expected: Sequence[Any]
-) -> Measured:
-    """Run a measurement ``config.runs`` times, checking every run's results.
+) -> Timed:
+    """Run a measurement once and check its results.
 
     A run during which other processes used much CPU is measured again, a few times at most.
     """
-    timings: list[Timed] = []
-    retries = config.extra_runs
-    while len(timings) < config.runs:
+    for retries_left in range(config.retries, -1, -1):
         timed = once()
         if timed.value != expected:
             raise AssertionError(f"{what}: wrong results")
-        if timed.other_load > DISTURBED and retries:
-            retries -= 1
-            log(f"    other processes used {timed.other_load:.0%} of the CPUs: run again")
-            continue
-        timings.append(timed)
-    return Measured(
-        items=len(expected),
-        runs=[timed.seconds for timed in timings],
-        peak_mb=max(timed.peak_mb for timed in timings),
-        other_load=max(timed.other_load for timed in timings),
-    )
+        if timed.other_load <= DISTURBED or not retries_left:
+            break
+        log(f"    other processes used {timed.other_load:.0%} of the CPUs: run again")
+    return timed
 
 
 def calibrate_monte_carlo(config: Config) -> MonteCarloSetup:
     """Size one task to ``mc_task_seconds`` here, and compute the expected results."""
-    setup = MonteCarloSetup(calibrate_samples(config.mc_task_seconds))
+    share = math.ceil(config.mc_tasks / config.workers)
+    setup = MonteCarloSetup(calibrate_samples(config.mc_task_seconds), share)
     fn, seeds = setup.tasks(config.mc_tasks)
     setup.expected = [fn(seed) for seed in seeds]
     return setup
 
 
-def time_serial(setup: MonteCarloSetup, config: Config) -> None:
-    """Time the Monte Carlo tasks one after another in this process (before and after peers)."""
-    fn, seeds = setup.tasks(config.mc_tasks)
+def time_serial(setup: MonteCarloSetup, config: Config) -> float:
+    """A baseline: one worker's share of the Monte Carlo tasks, one by one in this process.
+
+    Timed with no peer open, so that no idle scheduler or worker slows it down.
+    """
+    fn, seeds = setup.tasks(setup.serial_tasks)
     serial = partial(measure, lambda: [fn(seed) for seed in seeds])
-    setup.serial_runs += repeat("serial Monte Carlo", config, serial, setup.expected).runs
+    expected = setup.expected[: setup.serial_tasks]
+    seconds = checked_run("serial Monte Carlo", config, serial, expected).seconds
+    setup.serial_runs.append(seconds)
+    return seconds
 
 
-def run_steady(peer: Peer, config: Config, setup: MonteCarloSetup, result: PeerResult) -> None:
-    """Workloads 1 and 2 on one started, warmed-up peer."""
+def run_steady(
+    peer: Peer, config: Config, setup: MonteCarloSetup, serial: float, result: PeerResult
+) -> None:
+    """One run each of workloads 2 and 1 on a started, warmed-up peer, closed afterwards.
+
+    Monte Carlo comes first, as close as possible to ``serial``, the baseline timed just
+    before: the machine's speed drifts, and the efficiency must compare like with like.
+    """
     with peer.open(config.workers) as session:
         session.ready()
         fn, seeds = setup.tasks(config.mc_tasks)
         session.map(partial(monte_carlo_pi, samples=10), range(200))  # warm-up, numpy imported
-        log(f"  {peer.name}: no-op")
+        log(f"  {peer.name}: Monte Carlo, no-op")
+        monte_carlo = partial(measure, partial(session.map, fn, seeds))
+        timed = checked_run("Monte Carlo", config, monte_carlo, setup.expected)
+        result.add("monte_carlo", timed)
+        result.efficiencies.append(setup.efficiency(serial, timed.seconds, config))
         items = range(config.per_item_noop_items if peer.per_item_tasks else config.noop_items)
         noop = partial(measure, partial(session.map, abs, items))
-        result.noop = repeat("no-op", config, noop, list(items))
-        log(f"  {peer.name}: Monte Carlo")
-        monte_carlo = partial(measure, partial(session.map, fn, seeds))
-        result.monte_carlo = repeat("Monte Carlo", config, monte_carlo, setup.expected)
+        result.add("noop", checked_run("no-op", config, noop, list(items)))
 
 
 def start_to_first_result(peer: Peer, workers: int) -> Timed:
@@ -436,10 +468,14 @@ def start_to_first_result(peer: Peer, workers: int) -> Timed:
         return measure(lambda: [stack.enter_context(peer.open(workers)).first(abs, -1)])
 
 
-def run_startup(peer: Peer, config: Config, result: PeerResult) -> None:
-    log(f"  {startup_name(peer)}: start to first result x {config.runs}")
-    once = partial(start_to_first_result, peer, config.workers)
-    result.startup = repeat("first result", config, once, [1])
+def run_peer(peer: Peer, config: Config, setup: MonteCarloSetup, result: PeerResult) -> None:
+    """One round of one peer: a serial baseline, then every workload once, back to back."""
+    serial = time_serial(setup, config)
+    run_steady(peer, config, setup, serial, result)
+    if peer.startup:
+        log(f"  {startup_name(peer)}: start to first result")
+        once = partial(start_to_first_result, peer, config.workers)
+        result.add("startup", checked_run("first result", config, once, [1]))
 
 
 def guarded(result: PeerResult, name: str, action: Callable[[], None]) -> None:
@@ -450,6 +486,26 @@ def guarded(result: PeerResult, name: str, action: Callable[[], None]) -> None:
         log(traceback.format_exc())
         result.errors.append(f"{type(exc).__name__}: {exc}")
         log(f"  {name} FAILED: {result.errors[-1]}")
+
+
+def run_round(
+    number: int, config: Config, setup: MonteCarloSetup, results: dict[str, PeerResult]
+) -> None:
+    """Every peer in turn, each opened and closed within the round.
+
+    This VM's CPU speed drifts (up to 2x, in phases of seconds to tens of seconds), so a
+    peer measured all at once could be measured all in a slow phase; in rounds, every peer
+    is measured across the same phases, and medians over rounds drop the unlucky runs.
+    The order turns by one peer per round, so no peer always follows the same one. Only
+    one peer is open at a time: all open, the idle ones (Dask's schedulers run in this
+    process) took a tenth of the CPUs and slowed the serial baseline by 8 %.
+    """
+    log(f"round {number + 1} of {config.rounds}")
+    turn = number % len(PEERS)
+    for peer in (*PEERS[turn:], *PEERS[:turn]):
+        result = results[peer.name]
+        if not result.errors:  # a failed peer is reported as such, not tried every round
+            guarded(result, peer.name, partial(run_peer, peer, config, setup, result))
 
 
 # -- report ------------------------------------------------------------------------------
@@ -471,10 +527,11 @@ class Report:
         return picked
 
     def efficiencies(self) -> dict[str, float | None]:
-        """Monte Carlo parallel efficiency: serial seconds / (wall seconds x workers)."""
-        seconds = self.pick("monte_carlo", "seconds")
-        work = self.setup.serial_seconds / self.config.workers
-        return {name: None if wall is None else work / wall for name, wall in seconds.items()}
+        """Median Monte Carlo parallel efficiency over the rounds (None where none ran)."""
+        return {
+            name: statistics.median(result.efficiencies) if result.efficiencies else None
+            for name, result in self.results.items()
+        }
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
@@ -483,6 +540,11 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def fmt_range(values: Sequence[float], spec: str, suffix: str = "") -> str:
+    """Lowest to highest: how far apart the machine's drift put runs of the same thing."""
+    return f"{min(values):{spec}}-{max(values):{spec}}{suffix}" if values else "n/a"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -518,11 +580,11 @@ def monte_carlo_table(report: Report) -> str:
     efficiency = report.efficiencies()
     rows = [
         [name, fmt(seconds[name], ".2f"), fmt(ratio(seconds[name], seconds[CLOUDMAP]), ".3g", "x"),
-         fmt(efficiency[name], ".0%")]
-        for name in report.results
+         fmt(efficiency[name], ".0%"), fmt_range(result.efficiencies, ".0%")]
+        for name, result in report.results.items()
     ]  # fmt: skip
     headers = ["Peer", "Wall s", "Time ratio to cloudmap (>1: cloudmap faster)",
-               "Parallel efficiency"]  # fmt: skip
+               "Parallel efficiency", "Efficiency range over rounds"]  # fmt: skip
     return markdown_table(headers, rows)
 
 
@@ -565,13 +627,21 @@ def versions() -> str:
     return ", ".join(f"{m.__name__} {m.__version__}" for m in modules)
 
 
+def drift(serial_runs: Sequence[float]) -> float:
+    """Slowest over fastest serial baseline: how much the machine's speed moved."""
+    return max(serial_runs) / min(serial_runs)
+
+
 def render(report: Report) -> str:
     config, setup = report.config, report.setup
     lines = [
         f"Machine: {os.cpu_count()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}; {versions()}. Every peer runs {config.workers} worker "
         f"processes (cloudmap: {config.workers} nodes x 1 slot); multiprocessing start method "
-        f"{MP_CONTEXT.get_start_method()}. Times are medians of {config.runs} run(s). "
+        f"{MP_CONTEXT.get_start_method()}. Times are medians over {config.rounds} round(s); "
+        "in each round every peer is measured once per workload, one peer after the other "
+        "(each opened and closed in turn, the order shifted by one peer per round), so that "
+        "all peers see the same phases of this machine's drifting speed. "
         f"Other processes used {report.other_load:.0%} of the CPUs during the run.",
         "",
         f"### 1. No-op items: `abs` over `range({config.noop_items:,})`",
@@ -585,10 +655,13 @@ def render(report: Report) -> str:
         f"### 2. Monte Carlo: {config.mc_tasks} numpy tasks of "
         f"~{config.mc_task_seconds * 1000:.0f} ms",
         "",
-        f"{setup.samples:,} samples per task; serial time in the driver (best of "
-        f"{len(setup.serial_runs)}, before and after the peers) {setup.serial_seconds:.2f} s. "
-        f"Efficiency = serial / (wall x {config.workers} "
-        "workers).",
+        f"{setup.samples:,} samples per task. Serial baseline: one worker's share "
+        f"({setup.serial_tasks} tasks) one by one in the driver, timed right before each peer "
+        f"is opened, in every round: median {setup.serial_seconds:.2f} s, range "
+        f"{fmt_range(setup.serial_runs, '.2f', ' s')} over {len(setup.serial_runs)} baselines "
+        f"(drift of this machine's speed: {drift(setup.serial_runs):.2f}x). Efficiency of a run "
+        f"= its own baseline's time per task x {config.mc_tasks} tasks / (wall x "
+        f"{config.workers} workers); median and range over the rounds.",
         "",
         monte_carlo_table(report),
         "",
@@ -636,13 +709,16 @@ def to_json(report: Report) -> dict[str, Any]:
             }  # fmt: skip
         if result.monte_carlo:
             peers[name]["monte_carlo"]["efficiency"] = efficiencies[name]
+            peers[name]["monte_carlo"]["efficiencies"] = result.efficiencies
     return {
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "versions": versions(),
                     "other_load": report.other_load},
         "config": asdict(report.config),
-        "monte_carlo": {"samples": report.setup.samples, "serial_runs": report.setup.serial_runs,
-                        "serial_seconds": report.setup.serial_seconds},
+        "monte_carlo": {"samples": report.setup.samples, "serial_tasks": report.setup.serial_tasks,
+                        "serial_runs": report.setup.serial_runs,
+                        "serial_seconds": report.setup.serial_seconds,
+                        "drift": drift(report.setup.serial_runs)},
         "peers": peers,
         "targets": [target._asdict() for target in targets(report)],
     }  # fmt: skip
@@ -664,20 +740,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config.create(quick=args.quick, workers=args.workers)
     other_load = OtherLoad()
-    log("calibrating the Monte Carlo task, timing it serially")
+    log("calibrating the Monte Carlo task")
     setup = calibrate_monte_carlo(config)
-    time_serial(setup, config)
     results = {peer.name: PeerResult() for peer in PEERS}
-    log("no-op and Monte Carlo")
-    for peer in PEERS:
-        result = results[peer.name]
-        guarded(result, peer.name, partial(run_steady, peer, config, setup, result))
-    log("timing the Monte Carlo tasks serially again")
-    time_serial(setup, config)
-    log("start to first result")
-    for peer in (peer for peer in PEERS if peer.startup):
-        result = results[peer.name]
-        guarded(result, peer.name, partial(run_startup, peer, config, result))
+    for number in range(config.rounds):
+        run_round(number, config, setup, results)
     report = Report(config, setup, results, other_load.share())
     print(render(report))
     if args.json:
