@@ -47,7 +47,8 @@ class DaskCluster:
     """A scheduler on ``host`` and a client connected to it.
 
     ``allowed_failures=0``: a task whose slot dies is reported to cloudmap at once, which
-    decides between retry (crash), requeue (preemption) and timeout, item by item.
+    decides between retry (crash), free requeue (a task only queued on the dead slot) and
+    timeout, item by item.
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
