@@ -133,6 +133,11 @@ class DaskCluster:
         with self._events_lock:
             return worker_address in self._started.get(key, ())
 
+    def started(self, key: str) -> bool:
+        """Whether the task has begun on some slot (and is not settled yet)."""
+        with self._events_lock:
+            return bool(self._started.get(key))
+
     def forget(self, key: str) -> None:
         """Drop what the events said about a task that is settled, and release it."""
         with self._events_lock:

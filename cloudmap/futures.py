@@ -58,6 +58,10 @@ class Future(concurrent.futures.Future[Any]):
         """The Dask task key, to find the task on the Dask dashboard."""
         return str(self.dask_future.key)
 
+    def running(self) -> bool:
+        """True while a slot runs the call (slots report when they start a task)."""
+        return not self.done() and self._cluster.started(self.key)
+
     def cancel(self) -> bool:
         """Cancel on the pool too. False if the task already finished (as in concurrent.futures)."""
         if not super().cancel():  # first, so the pool's own report cannot beat us to it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,3 +226,13 @@ def test_progress_true_draws_a_text_bar(
 def test_no_progress_when_false(pool: cloudmap.Pool, capsys: pytest.CaptureFixture[str]) -> None:
     pool.map(tasks.square, range(100), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_submitted_future_reports_running(pool: cloudmap.Pool) -> None:
+    future = pool.submit(tasks.sleep_then, 1, 1.0)
+    deadline = time.monotonic() + 30
+    while not future.running() and not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.running()
+    assert future.result(timeout=30) == 1
+    assert not future.running()
