@@ -15,10 +15,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 from distributed import Client, Future, Scheduler, SchedulerPlugin, SpecCluster
+from distributed.scheduler import KilledWorker
 
 from .dask_config import LOW_OVERHEAD
 from .nodes import node_of
@@ -119,17 +120,26 @@ class DaskCluster:
         else:
             deliver(future, "ok", value)
 
-    def pop_timeout_result(self, key: str) -> bytes | None:
-        """The partial result a slot sent before its watchdog ended it, if any."""
+    def lost_in_queue(self, key: str, error: BaseException) -> bool:
+        """Whether ``error`` is the death of a slot on which the task only waited.
+
+        A slot that dies takes the tasks queued behind it down too; only the one it was
+        running (it said so in a start event) may be to blame.
+        """
+        if not isinstance(error, KilledWorker):
+            return False
+        address = dead_slot(error).address
+        return not _wait_for_event(lambda: self._started_on(key, address))
+
+    def timeout_result(self, key: str) -> bytes | None:
+        """The partial result a slot sent before its timeout watchdog ended it, if any."""
+        return _wait_for_event(lambda: self._pop_timeout_result(key))
+
+    def _pop_timeout_result(self, key: str) -> bytes | None:
         with self._events_lock:
             return self._timeouts.pop(key, None)
 
-    def started_on(self, key: str, worker_address: str | None) -> bool:
-        """Whether the task began running on that slot (not merely waited in its queue).
-
-        A slot that dies takes the tasks queued behind it down too; only the one it was
-        running may be to blame.
-        """
+    def _started_on(self, key: str, worker_address: str | None) -> bool:
         with self._events_lock:
             return worker_address in self._started.get(key, ())
 
@@ -216,7 +226,7 @@ def _shorten_batching_intervals(client: Client, scheduler: Scheduler | None) -> 
     if stream is not None and hasattr(stream, "interval"):
         stream.interval = BATCH_INTERVAL
     if scheduler is not None and hasattr(scheduler, "add_plugin"):
-        scheduler.add_plugin(_ShortWorkerStreams(scheduler))
+        scheduler.add_plugin(_ShortWorkerStreams())
 
 
 class _ShortWorkerStreams(SchedulerPlugin):
@@ -224,13 +234,34 @@ class _ShortWorkerStreams(SchedulerPlugin):
 
     name = "cloudmap-short-worker-streams"
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self._scheduler = scheduler
-
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         stream = getattr(scheduler, "stream_comms", {}).get(worker)
         if stream is not None and hasattr(stream, "interval"):
             stream.interval = BATCH_INTERVAL
+
+
+class SlotRef(NamedTuple):
+    name: str | None
+    address: str | None
+
+
+def dead_slot(error: BaseException) -> SlotRef:
+    """The slot a ``KilledWorker`` names as the last to run the task, as far as it says."""
+    worker = getattr(error, "last_worker", None)
+    name = getattr(worker, "name", None)
+    address = getattr(worker, "address", None)
+    return SlotRef(None if name is None else str(name), None if address is None else str(address))
+
+
+def _wait_for_event(check: Callable[[], Any], seconds: float = 1.0) -> Any:
+    """Events a slot sent just before dying arrive before Dask reports the death; the
+    short wait only covers event handlers still running on the event loop."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = check()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
 
 
 def _slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:

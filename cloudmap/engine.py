@@ -17,13 +17,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 from distributed import Future
 from distributed.scheduler import KilledWorker
 
 from .batching import BatchSizer
-from .cluster import DaskCluster
+from .cluster import DaskCluster, dead_slot
 from .errors import (
     InputError,
     PoolClosedError,
@@ -326,23 +326,21 @@ class MapEngine:
     def _take_failure(self, task: _Task, error: BaseException) -> None:
         """A task produced no result: its slot died (crash, timeout) or Dask gave up on it."""
         positions = task.positions()
-        worker = _last_worker(error)
-        if isinstance(error, KilledWorker):
-            if not self._wait_for(lambda: self._cluster.started_on(task.key, worker.address)):
-                # It only waited behind another task on the slot that died: not its fault.
-                self._requeue_lost(positions)
+        if self._cluster.lost_in_queue(task.key, error):
+            self._requeue_lost(positions)  # it only waited on the slot that died
+            return
+        if isinstance(error, KilledWorker) and self._timeout is not None:
+            partial_blob = self._cluster.timeout_result(task.key)
+            if partial_blob is not None:
+                self._take_result(task, load_result(partial_blob))  # requeues the rest
                 return
-            if self._timeout is not None:
-                partial_blob = self._wait_for(lambda: self._cluster.pop_timeout_result(task.key))
-                if partial_blob is not None:
-                    self._take_result(task, load_result(partial_blob))  # requeues the rest
-                    return
         if len(positions) == 1:
             lost = WorkerLostError(
                 f"the slot process running this item died ({type(error).__name__}: {error})"
             )
             batch, position = positions[0]
-            self._item_failed(batch, position, RemoteError.from_exception(lost), worker.name)
+            worker = dead_slot(error).name
+            self._item_failed(batch, position, RemoteError.from_exception(lost), worker)
         else:  # do not know which item killed the slot: re-run each alone, uncharged
             self._retry.extend((batch, position, True) for batch, position in positions)
 
@@ -354,17 +352,6 @@ class MapEngine:
             index = batch.start + position
             self._lost[index] = self._lost.get(index, 0) + 1
             self._retry.append((batch, position, self._lost[index] > MAX_FREE_REQUEUES))
-
-    @staticmethod
-    def _wait_for(check: Callable[[], Any], seconds: float = 1.0) -> Any:
-        """Events a slot sent just before dying arrive before Dask reports the death; the
-        short wait only covers event handlers still running on the event loop."""
-        deadline = time.monotonic() + seconds
-        while True:
-            found = check()
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.01)
 
     def _take_result(self, task: _Task, result: BatchResult) -> None:
         self._sizer.observe(result.completed, result.compute_seconds)
@@ -505,16 +492,3 @@ def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], i
     if len(iterables) == 1:
         return iter(iterables[0]), total
     return zip(*iterables, strict=True), total
-
-
-class _SlotRef(NamedTuple):
-    name: str | None
-    address: str | None
-
-
-def _last_worker(error: Any) -> _SlotRef:
-    """The slot a KilledWorker (or other Dask error) names, as far as it says."""
-    worker = getattr(error, "last_worker", None)
-    name = getattr(worker, "name", None)
-    address = getattr(worker, "address", None)
-    return _SlotRef(None if name is None else str(name), None if address is None else str(address))

@@ -80,7 +80,7 @@ class Future(concurrent.futures.Future[Any]):
             elif kind == "cancelled":
                 if not super().cancel():
                     self.set_exception(PoolClosedError("the pool closed before this task ran"))
-            elif self._lost_in_queue(key, value):
+            elif self._free_requeues > 0 and self._cluster.lost_in_queue(key, value):
                 self._free_requeues -= 1
                 self._submit_to_pool()
             else:
@@ -92,12 +92,6 @@ class Future(concurrent.futures.Future[Any]):
         finally:
             self._cluster.forget(key)
             dask_future.release()
-
-    def _lost_in_queue(self, key: str, error: BaseException) -> bool:
-        if not isinstance(error, KilledWorker) or self._free_requeues <= 0:
-            return False
-        address = getattr(getattr(error, "last_worker", None), "address", None)
-        return not self._cluster.started_on(key, address)
 
     def _set_outcome(self, result: BatchResult) -> None:
         error = result.errors.get(0)
