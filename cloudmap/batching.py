@@ -83,6 +83,18 @@ class BatchSizer:
     def _ideal_size(self, per_item: float) -> int:
         return min(int(self.target_seconds / max(per_item, 1e-9)), self.max_items)
 
+    def tasks_for(self, items: int) -> int:
+        """How many tasks ``items`` more items make at the size batches are heading for."""
+        if items <= 0:
+            return 0
+        if self.fixed is not None:
+            size = self.fixed
+        elif (per_item := self.seconds_per_item) is None:
+            size = 1
+        else:
+            size = self._ideal_size(max(per_item, 1e-9))
+        return -(-items // max(1, size))
+
     def next_size(self, *, slots: int, remaining: int | None) -> int:
         """Items for the next task, given the slots in the pool and items left (if known)."""
         if self.fixed is not None:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import dask
 from distributed import Client, Future, Scheduler, SchedulerPlugin, SpecCluster
+from distributed.core import Status
 from distributed.scheduler import KilledWorker
 
 from .dask_config import LOW_OVERHEAD
@@ -57,7 +58,9 @@ class DaskCluster:
         with dask.config.set(LOW_OVERHEAD):
             self._cluster = self._start_scheduler(host)
         self.client = Client(self._cluster, direct_to_workers=True)
-        _shorten_batching_intervals(self.client, self._cluster.scheduler)
+        self._plugin = _PoolPlugin()
+        _shorten_batching_intervals(self.client, self._cluster.scheduler, self._plugin)
+        self._evicted: set[str] = set()  # addresses of slots killed with their node
         self._timeouts: dict[str, bytes] = {}
         self._started: dict[str, set[str]] = {}
         self._events_lock = threading.Lock()
@@ -120,16 +123,52 @@ class DaskCluster:
         else:
             deliver(future, "ok", value)
 
-    def lost_in_queue(self, key: str, error: BaseException) -> bool:
-        """Whether ``error`` is the death of a slot on which the task only waited.
+    def loss_cause(self, key: str, error: BaseException) -> str | None:
+        """Why a task got no result, when it is not the task's fault; None when it may be.
 
-        A slot that dies takes the tasks queued behind it down too; only the one it was
-        running (it said so in a start event) may be to blame.
+        ``"evicted"``: its slot's node was preempted or removed (the provider said so first).
+        ``"queued"``: a slot that died took down the tasks queued behind it too; only the
+        one it was running (it said so in a start event) may be to blame.
         """
         if not isinstance(error, KilledWorker):
-            return False
+            return None
         address = dead_slot(error).address
-        return not _wait_for_event(lambda: self._started_on(key, address))
+        with self._events_lock:
+            if address in self._evicted:
+                return "evicted"
+        if not _wait_for_event(lambda: self._started_on(key, address)):
+            return "queued"
+        return None
+
+    # -- nodes leaving ----------------------------------------------------------------------
+
+    def mark_lost(self, node_id: str) -> None:
+        """Remember the slots of a node about to be killed by its provider, so that the
+        tasks they held are known as lost with the node, not as crashes."""
+        self._plugin.draining.discard(node_id)
+        try:
+            addresses = self.client.run_on_scheduler(_node_workers, node_id)
+        except Exception:  # the scheduler is closing: no task is waiting for a verdict
+            return
+        with self._events_lock:
+            self._evicted.update(addresses)
+
+    def drain(self, node_id: str) -> None:
+        """Give a node's slots no new task and move the tasks queued on them elsewhere;
+        the tasks they are running finish (or are lost when the node is killed)."""
+        self._plugin.draining.add(node_id)
+        with self._events_lock:
+            started = {key: set(workers) for key, workers in self._started.items()}
+        self.client.run_on_scheduler(_drain_node, node_id, started)
+
+    def undrain(self, node_id: str) -> None:
+        """Forget a drain; only slots that join later are affected (the node is going)."""
+        self._plugin.draining.discard(node_id)
+
+    def work_counts(self) -> tuple[int, int]:
+        """(tasks running, tasks waiting for a slot) on the scheduler now."""
+        running, waiting = self.client.run_on_scheduler(_work_counts)
+        return int(running), int(waiting)
 
     def timeout_result(self, key: str) -> bytes | None:
         """The partial result a slot sent before its timeout watchdog ended it, if any."""
@@ -220,24 +259,33 @@ class DaskCluster:
 BATCH_INTERVAL = 0.001
 
 
-def _shorten_batching_intervals(client: Client, scheduler: Scheduler | None) -> None:
+def _shorten_batching_intervals(
+    client: Client, scheduler: Scheduler | None, plugin: _PoolPlugin
+) -> None:
     """Lower Dask's message batching delays (private attributes, so only where present)."""
     stream = getattr(client, "scheduler_comm", None)
     if stream is not None and hasattr(stream, "interval"):
         stream.interval = BATCH_INTERVAL
     if scheduler is not None and hasattr(scheduler, "add_plugin"):
-        scheduler.add_plugin(_ShortWorkerStreams())
+        scheduler.add_plugin(plugin)
 
 
-class _ShortWorkerStreams(SchedulerPlugin):
-    """Applies BATCH_INTERVAL to each worker's stream as the worker joins."""
+class _PoolPlugin(SchedulerPlugin):
+    """As each slot joins: apply BATCH_INTERVAL to its stream, and drain it at once if its
+    node is draining (a slot restarted on a node under preemption notice)."""
 
-    name = "cloudmap-short-worker-streams"
+    name = "cloudmap-pool"
+
+    def __init__(self) -> None:
+        self.draining: set[str] = set()  # node ids; changed from the client's thread
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         stream = getattr(scheduler, "stream_comms", {}).get(worker)
         if stream is not None and hasattr(stream, "interval"):
             stream.interval = BATCH_INTERVAL
+        ws = scheduler.workers.get(worker)
+        if ws is not None and node_of(ws.name) in self.draining:
+            _close_gracefully(scheduler, ws)
 
 
 class SlotRef(NamedTuple):
@@ -262,6 +310,47 @@ def _wait_for_event(check: Callable[[], Any], seconds: float = 1.0) -> Any:
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
+
+
+def _node_workers(node_id: str, dask_scheduler: Scheduler) -> list[str]:
+    return [ws.address for ws in dask_scheduler.workers.values() if node_of(ws.name) == node_id]
+
+
+def _drain_node(node_id: str, started: dict[str, set[str]], dask_scheduler: Scheduler) -> None:
+    """Stop new work reaching a node's slots; send tasks not yet begun there elsewhere.
+
+    The slots are put in Dask's ``closing_gracefully`` status (as ``retire_workers`` does),
+    which keeps the scheduler from choosing them and the workers from starting queued tasks.
+    """
+    for ws in list(dask_scheduler.workers.values()):
+        if node_of(ws.name) != node_id:
+            continue
+        _close_gracefully(dask_scheduler, ws)
+        stimulus = f"cloudmap-drain-{time.time()}"
+        for ts in list(ws.processing):
+            if ws.address not in started.get(str(ts.key), ()):
+                dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
+
+
+def _close_gracefully(dask_scheduler: Scheduler, ws: Any) -> None:
+    stimulus = f"cloudmap-drain-{time.time()}"
+    dask_scheduler.handle_worker_status_change(Status.closing_gracefully, ws, stimulus)
+    stream = dask_scheduler.stream_comms.get(ws.address)
+    if stream is not None:
+        stream.send(
+            {"op": "worker-status-change", "status": "closing_gracefully", "stimulus_id": stimulus}
+        )
+
+
+def _work_counts(dask_scheduler: Scheduler) -> tuple[int, int]:
+    running = waiting = 0
+    for ws in dask_scheduler.workers.values():
+        processing = len(ws.processing)
+        busy = min(processing, ws.nthreads)
+        running += busy
+        waiting += processing - busy
+    waiting += len(dask_scheduler.queued) + len(dask_scheduler.unrunnable)
+    return running, waiting
 
 
 def _slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:

@@ -3,9 +3,10 @@
 It pulls items lazily from the input, cuts them into batches whose size the
 :class:`~cloudmap.batching.BatchSizer` learns from timings, keeps a bounded window of batches
 in flight as Dask tasks, and unpacks results as they return. The scheduler sees tasks,
-never items. Items that fail are retried on their own; items of a task whose slot died
-without saying why are re-run one per task, so a crash is charged only to the item that
-causes it. It does not know which provider made the slots.
+never items. Items that fail are retried on their own. Items of a task whose slot died
+without saying why are re-run in halves, then quarters..., so a crash is charged only to the
+item that causes it; items lost with a preempted or removed node are requeued free. It does
+not know which provider made the slots.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from .validation import check_int, check_positive
 ON_ERROR_CHOICES = ("raise", "return", "skip")
 #: An item lost this many times with a slot it did not run on is then run on its own.
 MAX_FREE_REQUEUES = 3
+#: Backlog reported for an input of unknown length that is not exhausted: "a lot".
+UNKNOWN_BACKLOG_TASKS = 1_000_000
 #: With on_error="raise", how long tasks already running may finish after the failure, so
 #: that their results come back with the error instead of being thrown away.
 DRAIN_SECONDS = 2.0
@@ -175,9 +178,11 @@ class MapEngine:
         self._done: queue.SimpleQueue[tuple[_Task, str, Any]] = queue.SimpleQueue()
         self._tasks: dict[str, _Task] = {}
         self._open: deque[_SourceBatch] = deque()
-        self._retry: deque[tuple[_SourceBatch, int, bool]] = deque()
+        # Items to send again: (batch, position, most items per task; 0 for no limit).
+        self._retry: deque[tuple[_SourceBatch, int, int]] = deque()
         self._attempts: dict[int, int] = {}  # failed attempts, by item index
-        self._lost: dict[int, int] = {}  # times lost through no fault of the item
+        self._lost: dict[int, int] = {}  # times lost with a slot it only waited on
+        self._preempted: dict[int, int] = {}  # times lost with a node taken away
         self._emitted: deque[Chunk] = deque()
         self._next_index = 0
         self._exhausted = False
@@ -212,6 +217,7 @@ class MapEngine:
                     task, kind, payload = self._done.get(timeout=0.1)
                 except queue.Empty:
                     self._check_alive(deadline)
+                    self._refill()  # slots may have joined (a resize, autoscale)
                     continue
                 if self._tasks.pop(task.key, None) is None:
                     continue  # a task we already gave up on
@@ -229,6 +235,18 @@ class MapEngine:
             raise
         finally:
             self._close_reporter()
+
+    def backlog_tasks(self) -> int:
+        """Tasks' worth of work not yet sent: what autoscale sees beyond the scheduler's queue.
+
+        Read from another thread (the pool's scaling loop): plain reads, no locking.
+        """
+        retry = len(self._retry)
+        if self._exhausted or self._failure is not None:
+            return retry
+        if self._total is None:
+            return UNKNOWN_BACKLOG_TASKS
+        return retry + self._sizer.tasks_for(self._total - self._next_index)
 
     def buffered_results(self) -> dict[int, Any]:
         """Results computed but not yet handed out, by item index (attached to errors)."""
@@ -280,13 +298,14 @@ class MapEngine:
             self._submit(_Task(batch, None), batch.indices, items)
 
     def _submit_retry(self, slots: int) -> None:
-        first_batch, first_position, isolate = self._retry.popleft()
+        first_batch, first_position, group = self._retry.popleft()
         refs = [(first_batch, first_position)]
-        if not isolate:
-            limit = self._sizer.next_size(slots=slots, remaining=None)
-            while self._retry and len(refs) < limit and not self._retry[0][2]:
-                batch, position, _ = self._retry.popleft()
-                refs.append((batch, position))
+        limit = self._sizer.next_size(slots=slots, remaining=None)
+        if group:
+            limit = min(limit, group)
+        while self._retry and len(refs) < limit and self._retry[0][2] == group:
+            batch, position, _ = self._retry.popleft()
+            refs.append((batch, position))
         indices = [batch.start + position for batch, position in refs]
         items = [batch.items[position] for batch, position in refs]
         self._submit(_Task(None, refs), indices, items)
@@ -324,9 +343,14 @@ class MapEngine:
             task.release()
 
     def _take_failure(self, task: _Task, error: BaseException) -> None:
-        """A task produced no result: its slot died (crash, timeout) or Dask gave up on it."""
+        """A task produced no result: its slot died (crash, timeout, its node taken away)
+        or Dask gave up on it."""
         positions = task.positions()
-        if self._cluster.lost_in_queue(task.key, error):
+        cause = self._cluster.loss_cause(task.key, error)
+        if cause == "evicted":
+            self._requeue_preempted(positions)
+            return
+        if cause == "queued":
             self._requeue_lost(positions)  # it only waited on the slot that died
             return
         if isinstance(error, KilledWorker) and self._timeout is not None:
@@ -341,17 +365,31 @@ class MapEngine:
             batch, position = positions[0]
             worker = dead_slot(error).name
             self._item_failed(batch, position, RemoteError.from_exception(lost), worker)
-        else:  # do not know which item killed the slot: re-run each alone, uncharged
-            self._retry.extend((batch, position, True) for batch, position in positions)
+        else:
+            # Do not know which item killed the slot: re-run the task in halves, uncharged.
+            # A half that dies again is halved again, down to the one item to blame, in
+            # log2(size) rounds instead of one task per item.
+            half = (len(positions) + 1) // 2
+            self._retry.extend((batch, position, half) for batch, position in positions)
 
     def _requeue_lost(self, positions: list[tuple[_SourceBatch, int]]) -> None:
         """Send items lost through no fault of their own again, without spending retries;
         after MAX_FREE_REQUEUES such losses an item is run alone, so that a crash it causes
         itself is charged to it (and never loops forever)."""
+        self._counts.requeued += len(positions)
         for batch, position in positions:
             index = batch.start + position
             self._lost[index] = self._lost.get(index, 0) + 1
-            self._retry.append((batch, position, self._lost[index] > MAX_FREE_REQUEUES))
+            self._retry.append((batch, position, 1 if self._lost[index] > MAX_FREE_REQUEUES else 0))
+
+    def _requeue_preempted(self, positions: list[tuple[_SourceBatch, int]]) -> None:
+        """Send again the items of a task whose node was preempted or removed: the provider
+        said so before the kill, so it is never the items' fault and costs no retry."""
+        self._counts.requeued += len(positions)
+        for batch, position in positions:
+            index = batch.start + position
+            self._preempted[index] = self._preempted.get(index, 0) + 1
+            self._retry.append((batch, position, 0))
 
     def _take_result(self, task: _Task, result: BatchResult) -> None:
         self._sizer.observe(result.completed, result.compute_seconds)
@@ -365,7 +403,7 @@ class MapEngine:
             return
         for offset, (source, position) in enumerate(task.positions()):
             if offset >= result.completed:
-                self._retry.append((source, position, False))  # cancelled mid-batch
+                self._retry.append((source, position, 0))  # cancelled mid-batch
                 continue
             error = result.errors.get(offset)
             if error is None:
@@ -384,7 +422,7 @@ class MapEngine:
         self._attempts[index] = attempts
         if attempts <= self._retries:
             self._counts.retried += 1
-            self._retry.append((batch, position, False))
+            self._retry.append((batch, position, 0))
             return
         self._counts.failed += 1
         failure = TaskError(
@@ -394,6 +432,7 @@ class MapEngine:
             node=node_of(worker) if worker else None,
             worker=worker,
             attempts=attempts,
+            preemptions=self._preempted.get(index, 0),
             item=batch.items[position],
         )
         if self._on_error == "raise":

@@ -72,7 +72,10 @@ class TaskError(CloudmapError):
     node, worker : str or None
         Where the last attempt ran.
     attempts : int
-        How many times the item was tried (retries + 1 when they were all used).
+        How many times the item was tried and failed (retries + 1 when all were used).
+    preemptions : int
+        How many times the item was sent again because its node was preempted or removed
+        while it ran; those attempts do not count in ``attempts`` or spend ``retries``.
     exception : BaseException
         The exception the function raised (or a :class:`RemoteException` stand-in).
     remote_traceback : str
@@ -90,6 +93,7 @@ class TaskError(CloudmapError):
         node: str | None = None,
         worker: str | None = None,
         attempts: int = 1,
+        preemptions: int = 0,
         item: Any = None,
     ) -> None:
         self.index = index
@@ -98,10 +102,13 @@ class TaskError(CloudmapError):
         self.node = node
         self.worker = worker
         self.attempts = attempts
+        self.preemptions = preemptions
         self.item = item
         self.results: dict[int, Any] = {}
         where = f" on {worker}" if worker else ""
         tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        if preemptions:
+            tries += f" (and {preemptions} lost to preemption, not counted)"
         message = (
             f"item {index} failed{where} after {tries}: {type(exception).__name__}: {exception}"
         )
@@ -121,6 +128,7 @@ def _rebuild_task_error(index: int, state: dict[str, Any]) -> TaskError:
         node=state["node"],
         worker=state["worker"],
         attempts=state["attempts"],
+        preemptions=state.get("preemptions", 0),
         item=state["item"],
     )
     error.results = state.get("results", {})

@@ -42,6 +42,8 @@ class Future(concurrent.futures.Future[Any]):
         self._blobs = (fn_blob, batch_blob)
         self._item = item
         self._free_requeues = MAX_FREE_REQUEUES
+        #: Times the task was sent again because its node was preempted or removed.
+        self.preemptions = 0
         self._submit_to_pool()
 
     def _submit_to_pool(self) -> None:
@@ -80,7 +82,10 @@ class Future(concurrent.futures.Future[Any]):
             elif kind == "cancelled":
                 if not super().cancel():
                     self.set_exception(PoolClosedError("the pool closed before this task ran"))
-            elif self._free_requeues > 0 and self._cluster.lost_in_queue(key, value):
+            elif (cause := self._cluster.loss_cause(key, value)) == "evicted":
+                self.preemptions += 1
+                self._submit_to_pool()
+            elif cause == "queued" and self._free_requeues > 0:
                 self._free_requeues -= 1
                 self._submit_to_pool()
             else:
@@ -105,6 +110,7 @@ class Future(concurrent.futures.Future[Any]):
                 remote_traceback=error.traceback,
                 worker=result.worker,
                 node=node_of(result.worker),
+                preemptions=self.preemptions,
                 item=self._item,
             )
         )

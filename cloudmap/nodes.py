@@ -45,6 +45,7 @@ class ProviderNode:
 
     ``state`` is one of creating, starting, ready (slots launched), start_failed, leaving,
     preempted or unusable: the provider cannot know whether slots are idle or running.
+    ``restoring`` marks a preempted node that the provider will bring back, as Batch does.
     """
 
     id: str
@@ -53,11 +54,15 @@ class ProviderNode:
     slots: int
     since: datetime
     start_task: StartTaskInfo | None = None
+    restoring: bool = False
 
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """One node of the pool as the user sees it (``pool.nodes()``)."""
+    """One node of the pool as the user sees it (``pool.nodes()``).
+
+    ``dedicated`` is False for a spot node. ``since`` is when the node entered ``state``.
+    """
 
     id: str
     state: NodeState
@@ -67,6 +72,11 @@ class NodeInfo:
     busy_slots: int = 0
     workers: tuple[str, ...] = field(default=())
     start_task: StartTaskInfo | None = None
+    restoring: bool = False
+
+    @property
+    def spot(self) -> bool:
+        return not self.dedicated
 
 
 def slot_name(node_id: str, slot: int) -> str:

@@ -7,6 +7,8 @@ makes nodes.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
+from .autoscale import Autoscale
 from .cluster import DaskCluster
 from .engine import SKIPPED, MapEngine, MapOptions
 from .errors import InputError, NoNodesError, PoolClosedError, PoolStartError, TaskError
@@ -22,7 +25,8 @@ from .futures import Future, PoolExecutor
 from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
 from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
 from .providers import PoolSpec, Provider, get_provider
-from .providers.base import StartTask
+from .providers.base import NodeEvents, StartTask
+from .scaling import Scaler, ScalingSample
 from .validation import check_int, check_positive
 
 _READY = (NodeState.IDLE, NodeState.RUNNING)
@@ -39,7 +43,13 @@ class Pool:
         Where nodes live: ``"local"`` (processes on this machine, the default) or another
         registered provider (see ``cloudmap.providers.known_providers()``).
     nodes : int, optional
-        Dedicated nodes to start. Default for ``local``: one per CPU core / slots_per_node.
+        Dedicated nodes to start. Default for ``local``: one per CPU core / slots_per_node
+        (0 with ``autoscale``).
+    spot_nodes : int
+        Spot (low-priority) nodes to start: cheaper, but the provider may preempt them; their
+        running tasks are then requeued without spending ``retries``.
+    autoscale : cloudmap.Autoscale, optional
+        Let the pool size itself to the work queued (see :meth:`autoscale`).
     slots_per_node : int
         Task slots per node; each slot is one worker process with one thread.
     start_task : str or callable, optional
@@ -53,7 +63,8 @@ class Pool:
         Seconds to wait for the first node; then the pool is torn down and
         :class:`~cloudmap.PoolStartError` raised.
     **provider_options
-        Passed to the provider (local: ``root=``, ``keep_files=``).
+        Passed to the provider (local: ``root=``, ``keep_files=``, ``eviction=``,
+        ``restore_after=``).
 
     Examples
     --------
@@ -67,6 +78,8 @@ class Pool:
         provider: str = "local",
         *,
         nodes: int | None = None,
+        spot_nodes: int = 0,
+        autoscale: Autoscale | None = None,
         slots_per_node: int = 1,
         start_task: StartTask = None,
         start_task_timeout: float | None = None,
@@ -75,9 +88,12 @@ class Pool:
         **provider_options: Any,
     ) -> None:
         check_int("slots_per_node", slots_per_node, minimum=1)
+        if autoscale is not None and not isinstance(autoscale, Autoscale):
+            raise InputError(f"autoscale={autoscale!r} is not valid: pass cloudmap.Autoscale(...)")
         if nodes is None:
-            nodes = max(1, (os.cpu_count() or 1) // slots_per_node)
+            nodes = 0 if autoscale else max(1, (os.cpu_count() or 1) // slots_per_node)
         check_int("nodes", nodes, minimum=0)
+        check_int("spot_nodes", spot_nodes, minimum=0)
         check_positive("start_timeout", start_timeout)
         if start_task_timeout is not None:
             check_positive("start_task_timeout", start_task_timeout)
@@ -87,21 +103,43 @@ class Pool:
             )
         env = {str(k): str(v) for k, v in (env or {}).items()}
         provider_class = get_provider(provider)
-        self.spec = PoolSpec(nodes, slots_per_node, start_task, start_task_timeout, env)
+        if (spot_nodes or (autoscale and autoscale.spot)) and not provider_class.supports_spot:
+            raise InputError(
+                f"the {provider_class.name!r} provider has no spot nodes; pass spot_nodes=0 "
+                "(and Autoscale(spot=False)), or use a provider with spot capacity"
+            )
+        self.spec = PoolSpec(
+            nodes, slots_per_node, start_task, start_task_timeout, env, spot_nodes=spot_nodes
+        )
         self._closed = False
         self._close_lock = threading.Lock()
         self._seen: dict[str, tuple[NodeState, datetime]] = {}
+        self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
         self._cluster = DaskCluster()
         self.provider: Provider | None = None
+        self._scaler: Scaler | None = None
         try:
             self.provider = provider_class(self.spec, **provider_options)
-            self._finalizer = weakref.finalize(self, _teardown, self.provider, self._cluster)
+            self.provider.events = _ClusterNodeEvents(self._cluster)
+            self._scaler = Scaler(
+                self.provider,
+                self._cluster,
+                nodes=_weakly(self, Pool.nodes),
+                backlog=_weakly(self, Pool._backlog),
+                slots_per_node=slots_per_node,
+                targets=(nodes, spot_nodes),
+                policy=autoscale,
+            )
+            self._finalizer = weakref.finalize(
+                self, _teardown, self._scaler, self.provider, self._cluster
+            )
             self.provider.start(self._cluster.scheduler_address)
-            if nodes:
+            self._scaler.start()
+            if nodes or spot_nodes:
                 self._wait_for_first_slot(start_timeout)
         except BaseException:
             self._closed = True
-            _teardown(self.provider, self._cluster)
+            _teardown(self._scaler, self.provider, self._cluster)
             raise
 
     # -- lifetime -------------------------------------------------------------------------
@@ -147,6 +185,103 @@ class Pool:
             )
         return self.provider
 
+    def _scaling(self) -> Scaler:
+        self._provider()
+        assert self._scaler is not None
+        return self._scaler
+
+    # -- size ------------------------------------------------------------------------------
+
+    def resize(
+        self,
+        nodes: int | None = None,
+        spot_nodes: int | None = None,
+        *,
+        deallocation: str = "requeue",
+    ) -> None:
+        """Set the pool's target node counts; nodes are added or removed in the background.
+
+        Parameters
+        ----------
+        nodes, spot_nodes : int, optional
+            New targets for dedicated and spot nodes; None keeps a target as it is. As in
+            Batch, preempted and failed nodes count toward them.
+        deallocation : {"requeue", "taskcompletion"}
+            How removed nodes leave: ``requeue`` stops them at once and sends their running
+            tasks back to the queue (without spending retries); ``taskcompletion`` gives
+            them no new task and lets them leave when their running tasks finish.
+
+        Nodes that serve nothing go first (preempted, failed, still starting), then the
+        longest idle. Call :meth:`wait_for_nodes` to wait for new nodes.
+        """
+        scaler = self._scaling()
+        dedicated, spot = scaler.targets
+        if nodes is not None:
+            check_int("nodes", nodes, minimum=0)
+            dedicated = nodes
+        if spot_nodes is not None:
+            check_int("spot_nodes", spot_nodes, minimum=0)
+            if spot_nodes and not self._provider().supports_spot:
+                raise InputError(
+                    f"the {self._provider().name!r} provider has no spot nodes; pass "
+                    "spot_nodes=0, or use a provider with spot capacity"
+                )
+            spot = spot_nodes
+        scaler.resize(dedicated, spot, deallocation)
+
+    def autoscale(
+        self, policy: Autoscale | bool | None = True, **settings: Any
+    ) -> Autoscale | None:
+        """Turn autoscale on, change it, or turn it off, on a live pool; return the policy.
+
+        ``pool.autoscale(cloudmap.Autoscale(max_nodes=16))`` sets a policy;
+        ``pool.autoscale(max_nodes=16)`` changes fields of the current one (or of the
+        default policy); ``pool.autoscale(None)`` (or ``False``) stops autoscaling and keeps
+        the nodes the pool has. The policy adds nodes when tasks are queued, removes nodes
+        idle for ``idle_timeout``, and replaces preempted spot nodes.
+        """
+        scaler = self._scaling()
+        if policy is None or policy is False:
+            if settings:
+                raise InputError("pool.autoscale(None) turns autoscale off; it takes no settings")
+            scaler.set_policy(None)
+            return None
+        if isinstance(policy, Autoscale):
+            new = dataclasses.replace(policy, **settings) if settings else policy
+        elif policy is True:
+            try:
+                new = dataclasses.replace(scaler.policy or Autoscale(), **settings)
+            except TypeError as exc:
+                names = ", ".join(f.name for f in dataclasses.fields(Autoscale))
+                raise InputError(f"{exc}; the settings of autoscale are: {names}") from None
+        else:
+            raise InputError(
+                f"autoscale({policy!r}) is not valid: pass cloudmap.Autoscale(...), settings "
+                "such as max_nodes=8, or None to turn it off"
+            )
+        if new.spot and not self._provider().supports_spot:
+            raise InputError(
+                f"the {self._provider().name!r} provider has no spot nodes; "
+                "pass Autoscale(spot=False)"
+            )
+        scaler.set_policy(new)
+        return new
+
+    @property
+    def targets(self) -> tuple[int, int]:
+        """The (dedicated, spot) node counts the pool is heading for."""
+        return self._scaling().targets
+
+    def scaling_history(self) -> list[ScalingSample]:
+        """The pool over time, one :class:`~cloudmap.scaling.ScalingSample` per interval
+        (one second by default; the last hour is kept): targets and node counts by kind,
+        nodes by state, tasks queued and running."""
+        return self._scaling().history()
+
+    def _backlog(self) -> int:
+        """Tasks' worth of work the pool's maps have not sent yet (for autoscale)."""
+        return sum(engine.backlog_tasks() for engine in list(self._engines))
+
     # -- Dask ------------------------------------------------------------------------------
 
     @property
@@ -176,6 +311,7 @@ class Pool:
     def nodes(self) -> list[NodeInfo]:
         """Every node with its state: the provider's word, merged with the scheduler's."""
         provider_nodes = self._provider().list_nodes()
+        leaving = self._scaling().leaving()
         slots = self._cluster.slots_by_node()
         now = datetime.now(timezone.utc)
         infos = []
@@ -183,8 +319,10 @@ class Pool:
             joined = slots.get(node.id, [])
             busy = sum(1 for _, processing in joined if processing)
             state = merged_state(node.state, len(joined), busy)
+            if node.id in leaving:
+                state = NodeState.LEAVING
             since = node.since
-            if node.state == "ready":  # idle <-> running: the pool's own observation time
+            if node.state == "ready" or node.id in leaving:  # the pool's own observation time
                 previous = self._seen.get(node.id)
                 since = previous[1] if previous and previous[0] == state else now
             self._seen[node.id] = (state, since)
@@ -198,17 +336,18 @@ class Pool:
                     busy_slots=busy,
                     workers=tuple(address for address, _ in joined),
                     start_task=node.start_task,
+                    restoring=node.restoring,
                 )
             )
         return infos
 
     def wait_for_nodes(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
-        """Block until ``count`` nodes (default: all requested) have every slot connected.
+        """Block until ``count`` nodes (default: the targets) have every slot connected.
 
         ``Pool(...)`` returns as soon as one slot can take work; call this before timing
         something, or to fail early when nodes cannot start.
         """
-        wanted = self.spec.nodes if count is None else count
+        wanted = sum(self.targets) if count is None else count
         deadline = time.monotonic() + timeout
         while True:
             nodes = self.nodes()
@@ -229,7 +368,9 @@ class Pool:
         if connected:
             return connected
         nodes = provider.list_nodes()
-        coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES)
+        coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES or n.restoring)
+        if not coming and self._scaling().policy is not None:
+            return self.spec.slots_per_node  # the work itself will bring nodes
         if not coming:
             raise NoNodesError(
                 "the pool has no usable nodes; see pool.nodes() for why, and create a new pool"
@@ -351,7 +492,7 @@ class Pool:
         label: str,
     ) -> MapEngine:
         self._slots()
-        return MapEngine(
+        engine = MapEngine(
             self._cluster,
             fn,
             iterables,
@@ -361,6 +502,8 @@ class Pool:
             ordered=ordered,
             label=label,
         )
+        self._engines.add(engine)
+        return engine
 
     # -- display ---------------------------------------------------------------------------
 
@@ -373,9 +516,12 @@ class Pool:
             counts[str(node.state)] = counts.get(str(node.state), 0) + 1
         states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         slots = sum(len(n.workers) for n in nodes)
+        spot = sum(1 for n in nodes if n.spot)
+        kinds = f"{len(nodes) - spot} dedicated + {spot} spot" if spot else f"{len(nodes)}"
+        scaling = " autoscaling," if self._scaling().policy is not None else ""
         return (
-            f"<cloudmap.Pool {self.provider.name}: {len(nodes)} nodes ({states or 'none'}), "
-            f"{slots} slots connected, scheduler {self.scheduler_address}>"
+            f"<cloudmap.Pool {self.provider.name}: {kinds} nodes ({states or 'none'}),"
+            f"{scaling} {slots} slots connected, scheduler {self.scheduler_address}>"
         )
 
 
@@ -386,8 +532,40 @@ def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:
                 yield value
 
 
-def _teardown(provider: Provider | None, cluster: DaskCluster) -> None:
+class _ClusterNodeEvents(NodeEvents):
+    """Passes a provider's word about departing nodes to the scheduler (see NodeEvents)."""
+
+    def __init__(self, cluster: DaskCluster) -> None:
+        self._cluster = cluster
+
+    def draining(self, node_id: str) -> None:
+        with contextlib.suppress(Exception):  # a closing pool schedules nothing anyway
+            self._cluster.drain(node_id)
+
+    def lost(self, node_id: str) -> None:
+        self._cluster.mark_lost(node_id)
+
+
+def _weakly(pool: Pool, method: Callable[[Pool], Any]) -> Callable[[], Any]:
+    """``method`` bound to ``pool`` without keeping the pool alive (for the scaling thread),
+    so that a pool nobody holds is still collected and torn down."""
+    ref = weakref.ref(pool)
+
+    def call() -> Any:
+        target = ref()
+        if target is None:
+            raise PoolClosedError("the pool is gone")
+        return method(target)
+
+    return call
+
+
+def _teardown(scaler: Scaler | None, provider: Provider | None, cluster: DaskCluster) -> None:
     try:
+        if scaler is not None:
+            scaler.stop()
+        if provider is not None:
+            provider.events = NodeEvents()  # nobody to tell: every task is being dropped
         cluster.close_client()  # first, so no future holds results on nodes being removed
         if provider is not None:
             provider.close()

@@ -15,12 +15,18 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass
 class ProgressCounts:
-    """Items of one map: ``total`` is None while the input's length is unknown."""
+    """Items of one map: ``total`` is None while the input's length is unknown.
+
+    ``retried`` counts attempts that failed and were tried again (they spend ``retries``);
+    ``requeued`` counts items sent again because their node was preempted or removed, or
+    their slot died while they only waited on it (free of charge).
+    """
 
     total: int | None
     done: int = 0
     failed: int = 0
     retried: int = 0
+    requeued: int = 0
     in_flight: int = 0
 
 

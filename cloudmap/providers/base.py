@@ -21,8 +21,10 @@ StartTask = str | Callable[[], Any] | None
 class PoolSpec:
     """The provider-independent description of a pool.
 
-    ``start_task`` is a shell command or a Python callable run on each node before its slots
-    join; ``env`` is added to the environment of the start task and every slot.
+    ``nodes`` are dedicated nodes, ``spot_nodes`` spot (low-priority) ones, which the
+    provider may take back at any time. ``start_task`` is a shell command or a Python
+    callable run on each node before its slots join; ``env`` is added to the environment of
+    the start task and every slot.
     """
 
     nodes: int
@@ -30,6 +32,23 @@ class PoolSpec:
     start_task: StartTask = None
     start_task_timeout: float | None = None
     env: dict[str, str] = field(default_factory=dict)
+    spot_nodes: int = 0
+
+
+class NodeEvents:
+    """What a provider tells the pool before it takes a node away.
+
+    The pool uses it to tell a task lost with a node it did not break (preemption, removal)
+    from a crash of the task itself: the first is requeued without spending the item's
+    retries. The defaults do nothing, so a provider works without a pool too.
+    """
+
+    def draining(self, node_id: str) -> None:
+        """The node will leave soon (notice of preemption): give it no new task."""
+
+    def lost(self, node_id: str) -> None:
+        """The node is about to be killed: whatever it still runs is lost through no
+        fault of the tasks. Called before the kill, never after."""
 
 
 class Provider(abc.ABC):
@@ -44,6 +63,8 @@ class Provider(abc.ABC):
     name: ClassVar[str]
     #: Keyword options ``Pool(provider, ...)`` passes through to this provider.
     option_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether the provider has spot (low-priority) nodes, which it may preempt.
+    supports_spot: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec, **options: Any) -> None:
         if options:
@@ -55,6 +76,7 @@ class Provider(abc.ABC):
                 f"its options are: {', '.join(self.option_names) or 'none'}"
             )
         self.spec = spec
+        self.events = NodeEvents()
 
     @abc.abstractmethod
     def start(self, scheduler_address: str) -> None:
@@ -62,11 +84,12 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
-        """Begin making ``count`` more nodes; return their ids."""
+        """Begin making ``count`` more nodes (spot ones if not ``dedicated``); return ids."""
 
     @abc.abstractmethod
     def remove_nodes(self, node_ids: Sequence[str]) -> None:
-        """Stop and remove nodes; their running tasks are lost to the pool (and requeued)."""
+        """Remove nodes at once, calling ``events.lost`` for each first: their running
+        tasks go back to the queue (Batch's ``requeue`` deallocation)."""
 
     @abc.abstractmethod
     def list_nodes(self) -> list[ProviderNode]:

@@ -3,6 +3,10 @@
 A node is ``python -m cloudmap.node DIR``, a node agent in its own session (so the whole tree
 can be killed at once) with its own directory under one temporary pool directory. The agent
 holds a pipe from us on its stdin and stops when it closes, so nodes die with the client.
+
+Spot nodes are ordinary nodes that this provider may preempt: on demand (``preempt``) or at
+random (``eviction=``), with or without notice, and kill with SIGKILL as a cloud would; like
+Batch's, a preempted node can come back after ``restore_after`` seconds.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import SerializationError
+from ..errors import InputError, SerializationError
 from ..node.agent import STOP_GRACE, NodeConfig
-from ..node.layout import CONFIG_FILE, NodeLayout
+from ..node.layout import CONFIG_FILE, STATE_FILE, NodeLayout
 from ..nodes import ProviderNode, StartTaskInfo
 from .base import PoolSpec, Provider
+from .eviction import Eviction, EvictionProcess
 
 
 @dataclass
@@ -40,14 +45,24 @@ class _LocalNode:
     layout: NodeLayout
     process: subprocess.Popen[bytes]
     created: float
+    #: Set while the node serves its preemption notice, then when it is preempted; with
+    #: the time it entered that state.
+    leaving_since: float | None = None
+    preempted_since: float | None = None
 
 
 class LocalProvider(Provider):
-    """Nodes as local processes. Options: ``root=`` (a directory for the node directories,
-    default a new temporary one) and ``keep_files=True`` to keep it after ``close()``."""
+    """Nodes as local processes.
+
+    Options: ``root=`` (a directory for the node directories, default a new temporary one),
+    ``keep_files=True`` to keep it after ``close()``, ``eviction=cloudmap.Eviction(...)`` to
+    preempt spot nodes at random, and ``restore_after=`` seconds after which a preempted node
+    comes back (default: it stays preempted until removed).
+    """
 
     name = "local"
-    option_names = ("root", "keep_files")
+    option_names = ("root", "keep_files", "eviction", "restore_after")
+    supports_spot = True
 
     def __init__(
         self,
@@ -55,9 +70,22 @@ class LocalProvider(Provider):
         *,
         root: str | None = None,
         keep_files: bool = False,
+        eviction: Eviction | None = None,
+        restore_after: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__(spec, **options)
+        if eviction is not None and not isinstance(eviction, Eviction):
+            raise InputError(f"eviction={eviction!r} is not valid: pass cloudmap.Eviction(...)")
+        if restore_after is not None and (
+            isinstance(restore_after, bool)
+            or not isinstance(restore_after, (int, float))
+            or restore_after < 0
+        ):
+            raise InputError(
+                f"restore_after={restore_after!r} is not valid: pass seconds >= 0, or None to "
+                "keep preempted nodes preempted"
+            )
         pickled_start_task = _pickle_start_task(spec.start_task)  # before making anything
         self.pool_id = f"local-{uuid.uuid4().hex[:8]}"
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="cloudmap-"))
@@ -68,6 +96,14 @@ class LocalProvider(Provider):
         self._numbers = itertools.count()
         self._scheduler: str | None = None
         self._start_task_argv = self._start_task_command(spec, pickled_start_task)
+        self.restore_after = restore_after
+        self._timers: list[threading.Timer] = []
+        self._closed = False
+        self._evictions = (
+            None
+            if eviction is None
+            else EvictionProcess(eviction, self._evictable, self._preempt_at_random)
+        )
 
     def describe(self) -> str:
         return f"local processes in {self.root}"
@@ -85,6 +121,9 @@ class LocalProvider(Provider):
     def start(self, scheduler_address: str) -> None:
         self._scheduler = scheduler_address
         self.add_nodes(self.spec.nodes)
+        self.add_nodes(self.spec.spot_nodes, dedicated=False)
+        if self._evictions is not None:
+            self._evictions.start()
 
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
         if self._scheduler is None:
@@ -101,7 +140,8 @@ class LocalProvider(Provider):
     def _spawn(self, node_id: str, dedicated: bool) -> _LocalNode:
         assert self._scheduler is not None
         layout = NodeLayout(self.root / node_id)
-        layout.root.mkdir(parents=True)
+        layout.root.mkdir(parents=True, exist_ok=True)  # exists when a node is restored
+        (layout.root / STATE_FILE).unlink(missing_ok=True)
         NodeConfig(
             pool_id=self.pool_id,
             node_id=node_id,
@@ -131,7 +171,13 @@ class LocalProvider(Provider):
         record = node.layout.read_state() or {"state": "creating", "since": node.created}
         state = record["state"]
         exited = node.process.poll() is not None
-        if exited and state not in ("start_failed", "leaving"):
+        if node.preempted_since is not None:
+            record = {**record, "state": "preempted", "since": node.preempted_since}
+            state = "preempted"
+        elif node.leaving_since is not None:
+            record = {**record, "state": "leaving", "since": node.leaving_since}
+            state = "leaving"
+        elif exited and state not in ("start_failed", "leaving"):
             state = "unusable"
         start_task = None
         if self._start_task_argv is not None and state != "creating":
@@ -144,11 +190,110 @@ class LocalProvider(Provider):
             slots=self.spec.slots_per_node,
             since=datetime.fromtimestamp(record["since"], tz=timezone.utc),
             start_task=start_task,
+            restoring=state == "preempted" and self.restore_after is not None,
         )
 
     def remove_nodes(self, node_ids: Sequence[str]) -> None:
         with self._lock:
             nodes = [self._nodes.pop(i) for i in node_ids if i in self._nodes]
+        for node in nodes:
+            if node.process.poll() is None:
+                self.events.lost(node.id)
+            _kill_tree(node.process)
+
+    # -- spot nodes ------------------------------------------------------------------------
+
+    def preempt(self, node_id: str, *, notice: float = 0.0) -> None:
+        """Evict a spot node as the cloud would: after ``notice`` seconds in which it takes
+        no new task, its processes are killed (SIGKILL) and it shows as ``preempted``.
+
+        Tasks still running on it are requeued without spending their retries.
+        """
+        if isinstance(notice, bool) or not isinstance(notice, (int, float)) or notice < 0:
+            raise InputError(f"notice={notice!r} is not valid: pass a number of seconds >= 0")
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                known = ", ".join(self._nodes) or "none"
+                raise InputError(
+                    f"there is no node {node_id!r} in this pool (its nodes: {known}); "
+                    "see pool.nodes() for the ids"
+                )
+            if node.dedicated:
+                raise InputError(
+                    f"{node_id} is a dedicated node, and only spot nodes are preempted; "
+                    "add spot nodes with Pool(spot_nodes=...) or pool.resize(spot_nodes=...)"
+                )
+            if node.preempted_since is not None or node.leaving_since is not None:
+                raise InputError(f"{node_id} is already preempted or being preempted")
+            if not notice:
+                node.preempted_since = time.time()  # claimed under the lock: evicted once
+            else:
+                node.leaving_since = time.time()
+        if notice:
+            self.events.draining(node_id)
+            self._later(notice, self._evict, node)
+        else:
+            self._evict(node)
+
+    def _evict(self, node: _LocalNode) -> None:
+        with self._lock:
+            if self._nodes.get(node.id) is not node or self._closed:
+                return  # removed meanwhile
+        self.events.lost(node.id)
+        _kill_tree(node.process)
+        with self._lock:
+            node.preempted_since = node.preempted_since or time.time()
+            node.leaving_since = None
+        if self.restore_after is not None:
+            self._later(self.restore_after, self._restore, node)
+
+    def _restore(self, node: _LocalNode) -> None:
+        """Bring a preempted node back under its id, as Batch does when capacity returns."""
+        with self._lock:
+            if self._closed or self._nodes.get(node.id) is not node:
+                return
+        restored = self._spawn(node.id, node.dedicated)
+        with self._lock:
+            if self._closed or self._nodes.get(node.id) is not node:
+                _kill_tree(restored.process)
+                return
+            self._nodes[node.id] = restored
+
+    def _evictable(self) -> list[str]:
+        with self._lock:
+            return [
+                node.id
+                for node in self._nodes.values()
+                if not node.dedicated
+                and node.leaving_since is None
+                and node.preempted_since is None
+            ]
+
+    def _preempt_at_random(self, node_id: str, notice: float) -> None:
+        self.preempt(node_id, notice=notice)
+
+    def _later(self, seconds: float, action: Any, node: _LocalNode) -> None:
+        timer = threading.Timer(seconds, action, (node,))
+        timer.daemon = True
+        with self._lock:
+            if self._closed:
+                return
+            self._timers = [t for t in self._timers if t.is_alive()]
+            self._timers.append(timer)
+        timer.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            timers, self._timers = self._timers, []
+        if self._evictions is not None:
+            self._evictions.stop()
+        for timer in timers:
+            timer.cancel()
+        with self._lock:
+            nodes = list(self._nodes.values())
+            self._nodes.clear()
         for node in nodes:  # ask all to stop first, so they stop in parallel
             _close_quietly(node.process.stdin)
         deadline = time.monotonic() + STOP_GRACE + 2.0
@@ -156,11 +301,6 @@ class LocalProvider(Provider):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.process.wait(max(0.0, deadline - time.monotonic()))
             _kill_tree(node.process)
-
-    def close(self) -> None:
-        with self._lock:
-            ids = list(self._nodes)
-        self.remove_nodes(ids)
         if not self.keep_files:
             shutil.rmtree(self.root, ignore_errors=True)
 

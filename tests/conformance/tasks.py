@@ -87,3 +87,21 @@ def crash_on_odd(x: int) -> int:
     if x % 2:
         os._exit(13)
     return x
+
+
+def simulate(x: int, rng: np.random.Generator, seconds: float = 0.0005) -> float:
+    """A seeded Monte Carlo step that takes a little time: the chaos tests' workload."""
+    deadline = time.perf_counter() + seconds
+    value = float(rng.standard_normal(8).sum()) + x
+    while time.perf_counter() < deadline:
+        pass
+    return value
+
+
+def flaky(x: int, bad: frozenset[int] = frozenset({7, 4242})) -> int:
+    """Raises for the items in ``bad`` and ends the slot process for item 99, every time."""
+    if x == 99:
+        os._exit(21)
+    if x in bad:
+        raise ValueError(f"item {x} is bad")
+    return x

@@ -1,0 +1,279 @@
+"""The pool's size over time: target node counts, resizes, autoscale, and their history.
+
+A :class:`Scaler` holds the pool's target dedicated and spot node counts, as a Batch pool
+holds ``targetDedicatedNodes`` and ``targetLowPriorityNodes``, and makes the provider's nodes
+match them: it adds nodes, and removes them either at once (``requeue``: running tasks go
+back to the queue) or once their running tasks finish (``taskcompletion``: the node takes
+no new task meanwhile). A background loop samples the pool every interval into a bounded
+history, finishes those departures, and applies the autoscale policy when there is one.
+The policy itself (:mod:`cloudmap.autoscale`) is a pure function; this module only feeds
+it numbers and carries out its decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .autoscale import Autoscale, KindCounts, ScalingInputs, decide
+from .cluster import DaskCluster
+from .errors import InputError, PoolClosedError
+from .nodes import NodeInfo, NodeState
+from .providers import Provider
+
+logger = logging.getLogger(__name__)
+
+DEALLOCATION_CHOICES = ("requeue", "taskcompletion")
+#: Samples kept by ``pool.scaling_history()``: one hour at one sample per second.
+HISTORY_LENGTH = 3600
+#: Seconds between samples without autoscale (with it: the policy's ``interval``).
+SAMPLE_INTERVAL = 1.0
+#: Seconds between checks while nodes are waiting for their tasks to finish before leaving.
+DEPARTURE_CHECK = 0.2
+
+_USABLE = frozenset({NodeState.CREATING, NodeState.STARTING, NodeState.IDLE, NodeState.RUNNING})
+_FAILED = frozenset({NodeState.START_FAILED, NodeState.UNUSABLE})
+#: Which nodes a shrinking pool gives up first: those that serve nothing, then those that
+#: have not started serving, then the idle (longest idle first), and running ones last.
+_REMOVAL_RANK = {
+    NodeState.PREEMPTED: 0,
+    NodeState.START_FAILED: 1,
+    NodeState.UNUSABLE: 1,
+    NodeState.CREATING: 2,
+    NodeState.STARTING: 3,
+    NodeState.IDLE: 4,
+    NodeState.LEAVING: 5,
+    NodeState.RUNNING: 6,
+}
+
+
+@dataclass(frozen=True)
+class ScalingSample:
+    """The pool at one moment: what the widgets draw.
+
+    ``dedicated`` and ``spot`` count the nodes of each kind the pool holds (preempted and
+    failed ones included, as Batch's current node counts do; nodes on their way out not);
+    ``states`` counts every node by state.
+    """
+
+    time: datetime
+    target_dedicated: int
+    target_spot: int
+    dedicated: int
+    spot: int
+    states: dict[str, int]
+    queued_tasks: int
+    running_tasks: int
+    reason: str = ""
+
+
+class Scaler:
+    """Targets, resizes, departures, autoscale and history of one pool.
+
+    ``nodes`` lists the pool's nodes (merged with the scheduler's view) and ``backlog`` is
+    the work the pool's maps have not sent yet, in tasks. Both may raise
+    :class:`~cloudmap.PoolClosedError`, which ends the loop.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        cluster: DaskCluster,
+        *,
+        nodes: Callable[[], list[NodeInfo]],
+        backlog: Callable[[], int],
+        slots_per_node: int,
+        targets: tuple[int, int],
+        policy: Autoscale | None,
+    ) -> None:
+        self._provider = provider
+        self._cluster = cluster
+        self._nodes = nodes
+        self._backlog = backlog
+        self._slots_per_node = slots_per_node
+        self.targets = targets
+        self.policy = policy
+        self._leaving: set[str] = set()
+        self._last_scale_up: float | None = None
+        self._reason = ""
+        self._history: deque[ScalingSample] = deque(maxlen=HISTORY_LENGTH)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cloudmap-scaler", daemon=True)
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the loop and wait for it, so that it never acts on a closing pool."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # -- what the pool asks --------------------------------------------------------------
+
+    def leaving(self) -> frozenset[str]:
+        """Nodes the pool is removing once their running tasks finish."""
+        with self._lock:
+            return frozenset(self._leaving)
+
+    def history(self) -> list[ScalingSample]:
+        with self._lock:
+            return list(self._history)
+
+    def resize(self, dedicated: int, spot: int, deallocation: str) -> None:
+        """Set the targets and start making the nodes match them; returns without waiting."""
+        if deallocation not in DEALLOCATION_CHOICES:
+            choices = " or ".join(map(repr, DEALLOCATION_CHOICES))
+            raise InputError(f"deallocation={deallocation!r} is not valid: pass {choices}")
+        with self._lock:
+            if self.policy is not None:
+                raise InputError(
+                    "this pool autoscales, so its size is the policy's to set; call "
+                    "pool.autoscale(None) first to resize it by hand"
+                )
+            self.targets = (dedicated, spot)
+            self._reconcile(self._nodes(), deallocation)
+        self._wake.set()
+
+    def set_policy(self, policy: Autoscale | None) -> None:
+        with self._lock:
+            self.policy = policy
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except PoolClosedError:
+                return
+            except Exception:  # keep scaling through a hiccup; say what happened
+                if self._stop.is_set():
+                    return
+                logger.exception("cloudmap: the pool's scaling loop failed once; continuing")
+            self._wake.wait(self._interval())
+            self._wake.clear()
+
+    def _interval(self) -> float:
+        with self._lock:
+            interval = self.policy.interval if self.policy is not None else SAMPLE_INTERVAL
+            return min(interval, DEPARTURE_CHECK) if self._leaving else interval
+
+    def tick(self) -> None:
+        """Sample the pool; let waiting departures go; apply autoscale; record the sample."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            nodes = self._nodes()
+            running, waiting = self._cluster.work_counts()
+            queued = waiting + self._backlog()
+            nodes = self._finish_departures(nodes)
+            if self.policy is not None:
+                self._autoscale(self.policy, nodes, running, queued)
+            self._record(nodes, running, queued)
+
+    def _autoscale(
+        self, policy: Autoscale, nodes: list[NodeInfo], running: int, queued: int
+    ) -> None:
+        now = time.time()
+        dedicated = _kind_counts(nodes, True, self._leaving, now)
+        spot = _kind_counts(nodes, False, self._leaving, now)
+        decision = decide(
+            policy,
+            ScalingInputs(
+                now=now,
+                queued_tasks=queued,
+                running_tasks=running,
+                slots_per_node=self._slots_per_node,
+                dedicated=dedicated,
+                spot=spot,
+                last_scale_up=self._last_scale_up,
+            ),
+        )
+        if decision.usable > dedicated.usable + spot.usable:
+            self._last_scale_up = now
+        self._reason = decision.reason
+        self.targets = (decision.dedicated, decision.spot)
+        # Scale-down never kills running work: nodes leave when their tasks are done.
+        self._reconcile(nodes, "taskcompletion")
+
+    # -- making nodes match the targets --------------------------------------------------
+
+    def _reconcile(self, nodes: list[NodeInfo], deallocation: str) -> None:
+        for dedicated, target in ((True, self.targets[0]), (False, self.targets[1])):
+            present = [n for n in nodes if n.dedicated == dedicated and n.id not in self._leaving]
+            if len(present) < target:
+                self._provider.add_nodes(target - len(present), dedicated=dedicated)
+            elif len(present) > target:
+                ranked = sorted(present, key=lambda n: (_REMOVAL_RANK[n.state], n.since))
+                self._remove(ranked[: len(present) - target], deallocation)
+
+    def _remove(self, victims: Sequence[NodeInfo], deallocation: str) -> None:
+        if deallocation == "requeue":
+            self._provider.remove_nodes([n.id for n in victims])
+            return
+        now = [n.id for n in victims if n.state != NodeState.RUNNING]
+        if now:
+            self._provider.remove_nodes(now)
+        for node in victims:
+            if node.state == NodeState.RUNNING:
+                self._leaving.add(node.id)
+                self._cluster.drain(node.id)
+
+    def _finish_departures(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        """Remove the leaving nodes whose tasks are done; return the nodes that remain."""
+        if not self._leaving:
+            return nodes
+        present = {n.id: n for n in nodes}
+        done = [i for i in self._leaving if i not in present or present[i].busy_slots == 0]
+        if not done:
+            return nodes
+        self._provider.remove_nodes([i for i in done if i in present])
+        self._leaving.difference_update(done)
+        return [n for n in nodes if n.id not in done]
+
+    def _record(self, nodes: list[NodeInfo], running: int, queued: int) -> None:
+        kept = [n for n in nodes if n.id not in self._leaving]
+        states = Counter(
+            str(NodeState.LEAVING if n.id in self._leaving else n.state) for n in nodes
+        )
+        self._history.append(
+            ScalingSample(
+                time=datetime.now(timezone.utc),
+                target_dedicated=self.targets[0],
+                target_spot=self.targets[1],
+                dedicated=sum(1 for n in kept if n.dedicated),
+                spot=sum(1 for n in kept if not n.dedicated),
+                states=dict(states),
+                queued_tasks=queued,
+                running_tasks=running,
+                reason=self._reason,
+            )
+        )
+
+
+def _kind_counts(
+    nodes: list[NodeInfo], dedicated: bool, leaving: set[str], now: float
+) -> KindCounts:
+    """The policy's plain numbers for one kind of node. A node serving its preemption
+    notice counts as preempted already, so that its replacement starts during the notice."""
+    mine = [n for n in nodes if n.dedicated == dedicated and n.id not in leaving]
+    return KindCounts(
+        usable=sum(1 for n in mine if n.state in _USABLE),
+        idle_for=tuple(
+            max(0.0, now - n.since.timestamp()) for n in mine if n.state == NodeState.IDLE
+        ),
+        preempted=sum(1 for n in mine if n.state in (NodeState.PREEMPTED, NodeState.LEAVING)),
+        failed=sum(1 for n in mine if n.state in _FAILED),
+    )
