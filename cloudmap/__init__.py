@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Pool": "cloudmap.pool",
+    "Autoscale": "cloudmap.autoscale",
+    "Eviction": "cloudmap.providers.eviction",
+    "ScalingSample": "cloudmap.scaling",
     "Future": "cloudmap.futures",
     "PoolExecutor": "cloudmap.futures",
     "NodeInfo": "cloudmap.nodes",
@@ -38,7 +41,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Autoscale",
     "CloudmapError",
+    "Eviction",
     "Future",
     "InputError",
     "NoNodesError",
@@ -51,6 +56,7 @@ __all__ = [
     "ProgressCounts",
     "ProgressReporter",
     "RemoteException",
+    "ScalingSample",
     "SerializationError",
     "StartTaskInfo",
     "TaskError",
@@ -61,6 +67,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .autoscale import Autoscale
     from .errors import (
         CloudmapError,
         InputError,
@@ -78,6 +85,8 @@ if TYPE_CHECKING:
     from .nodes import NodeInfo, NodeState, StartTaskInfo
     from .pool import Pool
     from .progress import ProgressCounts, ProgressReporter
+    from .providers.eviction import Eviction
+    from .scaling import ScalingSample
     from .seeding import item_rng
 
 

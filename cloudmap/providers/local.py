@@ -97,6 +97,8 @@ class LocalProvider(Provider):
         self._scheduler: str | None = None
         self._start_task_argv = self._start_task_command(spec, pickled_start_task)
         self.restore_after = restore_after
+        #: (time, node id) of every preemption, for tests and benchmarks to count.
+        self.preemptions: list[tuple[float, str]] = []
         self._timers: list[threading.Timer] = []
         self._closed = False
         self._evictions = (
@@ -245,6 +247,7 @@ class LocalProvider(Provider):
         with self._lock:
             node.preempted_since = node.preempted_since or time.time()
             node.leaving_since = None
+            self.preemptions.append((node.preempted_since, node.id))
         if self.restore_after is not None:
             self._later(self.restore_after, self._restore, node)
 

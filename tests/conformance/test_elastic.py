@@ -59,10 +59,24 @@ class Chaos:
                 self.done.append(action.__name__)
 
 
+class Counts:
+    """A progress reporter that keeps the last counts of a map."""
+
+    def __init__(self) -> None:
+        self.last: cloudmap.ProgressCounts | None = None
+
+    def start(self, counts: cloudmap.ProgressCounts, description: str) -> None:
+        self.last = counts
+
+    def update(self, counts: cloudmap.ProgressCounts) -> None:
+        self.last = counts
+
+    def close(self, counts: cloudmap.ProgressCounts) -> None:
+        self.last = counts
+
+
 def serving_spot_nodes(pool: cloudmap.Pool) -> list[str]:
-    return [
-        n.id for n in pool.nodes() if n.spot and n.state in (NodeState.IDLE, NodeState.RUNNING)
-    ]
+    return [n.id for n in pool.nodes() if n.spot and n.state in (NodeState.IDLE, NodeState.RUNNING)]
 
 
 def preempt_without_notice(pool: cloudmap.Pool, rng: random.Random) -> bool:
@@ -115,12 +129,18 @@ def test_preemptions_lose_no_work_and_spend_no_retries(
     spot_pool: cloudmap.Pool, expected: list[float]
 ) -> None:
     actions = [partial(preempt_without_notice, spot_pool), partial(preempt_with_notice, spot_pool)]
-    for action, name in zip(actions, ("preempt_without_notice", "preempt_with_notice"), strict=True):
+    for action, name in zip(
+        actions, ("preempt_without_notice", "preempt_with_notice"), strict=True
+    ):
         action.__name__ = name  # type: ignore[attr-defined]
+    progress = Counts()
     with Chaos(spot_pool, actions) as chaos:  # type: ignore[arg-type]
-        results = spot_pool.map(tasks.simulate, range(ITEMS), seed=SEED, retries=0, progress=False)
-        time.sleep(0)  # the chaos ran during the whole map
+        results = spot_pool.map(
+            tasks.simulate, range(ITEMS), seed=SEED, retries=0, progress=progress
+        )
     assert chaos.done, "no node was preempted during the map; the test proved nothing"
+    assert progress.last is not None and progress.last.requeued > 0, "no task was requeued"
+    assert progress.last.retried == 0 and progress.last.failed == 0
     assert len(results) == ITEMS
     assert results == expected
 
@@ -140,3 +160,146 @@ def test_killed_slots_and_preemptions_together_lose_no_work(
         results = spot_pool.map(tasks.simulate, range(ITEMS), seed=SEED, retries=3, progress=False)
     assert "kill_slot" in chaos.done and len(chaos.done) >= 3, chaos.done
     assert results == expected
+
+
+def test_a_job_that_crashes_until_retries_run_out_reports_failures_and_keeps_the_rest(
+    spot_pool: cloudmap.Pool,
+) -> None:
+    actions = [partial(preempt_without_notice, spot_pool)]
+    actions[0].__name__ = "preempt"  # type: ignore[attr-defined]
+    with Chaos(spot_pool, actions):  # type: ignore[arg-type]
+        results = spot_pool.map(
+            tasks.flaky, range(ITEMS), retries=2, on_error="return", progress=False
+        )
+    failed = {i: r for i, r in enumerate(results) if isinstance(r, cloudmap.TaskError)}
+    assert sorted(failed) == [7, 99, 4242]
+    for index in (7, 4242):
+        assert isinstance(failed[index].exception, ValueError)
+        assert f"item {index} is bad" in str(failed[index])
+        assert failed[index].attempts == 3
+    assert isinstance(failed[99].exception, cloudmap.WorkerLostError)
+    assert failed[99].attempts == 3
+    assert [r for i, r in enumerate(results) if i not in failed] == [
+        i for i in range(ITEMS) if i not in failed
+    ]
+
+
+def test_with_on_error_raise_the_error_carries_every_finished_result(
+    spot_pool: cloudmap.Pool,
+) -> None:
+    with pytest.raises(cloudmap.TaskError) as caught:
+        spot_pool.map(tasks.flaky, range(2000), retries=1, progress=False)
+    error = caught.value
+    assert error.index in (7, 99)
+    assert error.attempts == 2 and error.preemptions == 0
+    assert error.results, "finished results were thrown away"
+    assert all(error.results[i] == i for i in error.results)
+    assert 7 not in error.results and 99 not in error.results
+
+
+def test_random_evictions_with_notice_lose_nothing(provider: str) -> None:
+    eviction = cloudmap.Eviction(rate_per_node_hour=3 * 3600, notice=0.2, seed=3)
+    with cloudmap.Pool(
+        provider, nodes=1, spot_nodes=2, eviction=eviction, restore_after=0.3
+    ) as pool:
+        pool.wait_for_nodes(1)
+        results = pool.map(
+            partial(tasks.simulate, seconds=0.002), range(3000), seed=SEED, progress=False
+        )
+        preemptions = list(pool.provider.preemptions)  # type: ignore[union-attr]
+    assert preemptions, "the eviction process preempted nothing"
+    with cloudmap.Pool(provider, nodes=1) as quiet:
+        assert results == quiet.map(
+            partial(tasks.simulate, seconds=0.0), range(3000), seed=SEED, progress=False
+        )
+
+
+def test_preempted_node_shows_preempted_then_comes_back(provider: str) -> None:
+    with cloudmap.Pool(provider, nodes=1, spot_nodes=1, restore_after=1.0) as pool:
+        pool.wait_for_nodes()
+        spot = next(n.id for n in pool.nodes() if n.spot)
+        pool.provider.preempt(spot)  # type: ignore[union-attr]
+        state = {n.id: n for n in pool.nodes()}[spot]
+        assert state.state == NodeState.PREEMPTED and state.restoring
+        pool.wait_for_nodes(2, timeout=60)
+        assert {n.id: n.state for n in pool.nodes()}[spot] in (NodeState.IDLE, NodeState.RUNNING)
+        states = {s for sample in pool.scaling_history() for s in sample.states}
+        assert "preempted" in states or len(pool.scaling_history()) < 2
+
+
+@pytest.mark.parametrize("deallocation", ["requeue", "taskcompletion"])
+def test_shrinking_a_busy_pool_loses_no_task(provider: str, deallocation: str) -> None:
+    with cloudmap.Pool(provider, nodes=2) as pool:
+        pool.wait_for_nodes()
+        futures = [pool.submit(tasks.sleep_then, i, 1.5) for i in range(2)]
+        deadline = time.monotonic() + 30
+        while not all(f.running() for f in futures):
+            assert time.monotonic() < deadline, "the tasks never started"
+            time.sleep(0.02)
+        started = time.monotonic()
+        pool.resize(nodes=1, deallocation=deallocation)
+        states = {n.state for n in pool.nodes()}
+        if deallocation == "taskcompletion":
+            assert NodeState.LEAVING in states, states
+        assert [f.result(timeout=60) for f in futures] == [0, 1]
+        took = time.monotonic() - started
+        if deallocation == "taskcompletion":
+            assert took < 1.5, "a leaving node's running task was not left to finish"
+        else:
+            assert sum(f.preemptions for f in futures) == 1, "the removed node's task was lost"
+        deadline = time.monotonic() + 30
+        while len(pool.nodes()) != 1:
+            assert time.monotonic() < deadline, pool.nodes()
+            time.sleep(0.05)
+
+
+def test_autoscale_from_zero_to_max_and_back_to_the_minimum(provider: str) -> None:
+    policy = cloudmap.Autoscale(min_nodes=0, max_nodes=3, idle_timeout=1.0, interval=0.2)
+    with cloudmap.Pool(provider, autoscale=policy) as pool:
+        assert pool.nodes() == []
+        results = pool.map(partial(tasks.simulate, seconds=0.003), range(2000), seed=SEED)
+        assert len(results) == 2000
+        deadline = time.monotonic() + 60
+        while pool.nodes():
+            assert time.monotonic() < deadline, f"did not scale down: {pool.nodes()}"
+            time.sleep(0.1)
+        history = pool.scaling_history()
+    usable = [s.states.get("idle", 0) + s.states.get("running", 0) for s in history]
+    assert max(usable) == 3, usable
+    assert max(s.target_dedicated for s in history) == 3
+    assert history[-1].target_dedicated == 0 and history[-1].target_spot == 0
+    ups = [
+        i
+        for i in range(1, len(history))
+        if history[i].target_dedicated > history[i - 1].target_dedicated
+    ]
+    downs = [
+        i
+        for i in range(1, len(history))
+        if history[i].target_dedicated < history[i - 1].target_dedicated
+    ]
+    assert ups and downs and max(ups) < min(downs), "the pool flapped"
+
+
+def test_autoscale_can_be_changed_and_turned_off_on_a_live_pool(provider: str) -> None:
+    with cloudmap.Pool(provider, nodes=1) as pool:
+        policy = pool.autoscale(min_nodes=2, max_nodes=2, interval=0.2)
+        assert policy == cloudmap.Autoscale(min_nodes=2, max_nodes=2, interval=0.2)
+        pool.wait_for_nodes(2, timeout=60)
+        with pytest.raises(cloudmap.InputError, match="autoscale"):
+            pool.resize(nodes=1)
+        assert pool.autoscale(None) is None
+        pool.resize(nodes=1)
+        assert pool.targets == (1, 0)
+
+
+def test_history_is_bounded(provider: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudmap import scaling
+
+    monkeypatch.setattr(scaling, "HISTORY_LENGTH", 5)
+    with cloudmap.Pool(provider, nodes=1) as pool:
+        for _ in range(12):
+            pool._scaling().tick()
+        history = pool.scaling_history()
+    assert len(history) == 5
+    assert [s.time for s in history] == sorted(s.time for s in history)
