@@ -236,17 +236,15 @@ def test_shrinking_a_busy_pool_loses_no_task(provider: str, deallocation: str) -
         while not all(f.running() for f in futures):
             assert time.monotonic() < deadline, "the tasks never started"
             time.sleep(0.02)
-        started = time.monotonic()
         pool.resize(nodes=1, deallocation=deallocation)
         states = {n.state for n in pool.nodes()}
         if deallocation == "taskcompletion":
             assert NodeState.LEAVING in states, states
         assert [f.result(timeout=60) for f in futures] == [0, 1]
-        took = time.monotonic() - started
-        if deallocation == "taskcompletion":
-            assert took < 1.5, "a leaving node's running task was not left to finish"
-        else:
-            assert sum(f.preemptions for f in futures) == 1, "the removed node's task was lost"
+        # requeue: the removed node's task ran again elsewhere, free; taskcompletion: the
+        # leaving node was left to finish it.
+        expected_requeues = 1 if deallocation == "requeue" else 0
+        assert sum(f.preemptions for f in futures) == expected_requeues
         deadline = time.monotonic() + 30
         while len(pool.nodes()) != 1:
             assert time.monotonic() < deadline, pool.nodes()
