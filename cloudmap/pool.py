@@ -369,7 +369,9 @@ class Pool:
             return connected
         nodes = provider.list_nodes()
         coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES or n.restoring)
-        if not coming and self._scaling().policy is not None:
+        scaler = self._scaling()
+        if not coming and scaler.policy is not None:
+            scaler.nudge()  # evaluate now rather than at the next interval
             return self.spec.slots_per_node  # the work itself will bring nodes
         if not coming:
             raise NoNodesError(

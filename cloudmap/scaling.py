@@ -145,6 +145,10 @@ class Scaler:
             self._reconcile(self._nodes(), deallocation)
         self._wake.set()
 
+    def nudge(self) -> None:
+        """Evaluate now: work arrived at a pool with no node to run it."""
+        self._wake.set()
+
     def set_policy(self, policy: Autoscale | None) -> None:
         with self._lock:
             self.policy = policy

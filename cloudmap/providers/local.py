@@ -329,7 +329,7 @@ def _node_environment() -> dict[str, str]:
     """The client's environment, with its import path, so functions pickled by reference
     (defined in the user's modules) import on the nodes as they do here."""
     env = dict(os.environ)
-    paths = [p or os.getcwd() for p in sys.path]
+    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path]  # nodes run elsewhere
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
