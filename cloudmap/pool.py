@@ -103,11 +103,10 @@ class Pool:
             )
         env = {str(k): str(v) for k, v in (env or {}).items()}
         provider_class = get_provider(provider)
-        if (spot_nodes or (autoscale and autoscale.spot)) and not provider_class.supports_spot:
-            raise InputError(
-                f"the {provider_class.name!r} provider has no spot nodes; pass spot_nodes=0 "
-                "(and Autoscale(spot=False)), or use a provider with spot capacity"
-            )
+        if spot_nodes:
+            _check_spot(provider_class, "pass spot_nodes=0")
+        if autoscale and autoscale.spot:
+            _check_spot(provider_class, "pass Autoscale(spot=False)")
         self.spec = PoolSpec(
             nodes, slots_per_node, start_task, start_task_timeout, env, spot_nodes=spot_nodes
         )
@@ -221,11 +220,8 @@ class Pool:
             dedicated = nodes
         if spot_nodes is not None:
             check_int("spot_nodes", spot_nodes, minimum=0)
-            if spot_nodes and not self._provider().supports_spot:
-                raise InputError(
-                    f"the {self._provider().name!r} provider has no spot nodes; pass "
-                    "spot_nodes=0, or use a provider with spot capacity"
-                )
+            if spot_nodes:
+                _check_spot(type(self._provider()), "pass spot_nodes=0")
             spot = spot_nodes
         scaler.resize(dedicated, spot, deallocation)
 
@@ -259,11 +255,8 @@ class Pool:
                 f"autoscale({policy!r}) is not valid: pass cloudmap.Autoscale(...), settings "
                 "such as max_nodes=8, or None to turn it off"
             )
-        if new.spot and not self._provider().supports_spot:
-            raise InputError(
-                f"the {self._provider().name!r} provider has no spot nodes; "
-                "pass Autoscale(spot=False)"
-            )
+        if new.spot:
+            _check_spot(type(self._provider()), "pass Autoscale(spot=False)")
         scaler.set_policy(new)
         return new
 
@@ -532,6 +525,14 @@ def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:
         for value in values:
             if value is not SKIPPED:
                 yield value
+
+
+def _check_spot(provider_class: type[Provider], fix: str) -> None:
+    if not provider_class.supports_spot:
+        raise InputError(
+            f"the {provider_class.name!r} provider has no spot nodes; {fix}, "
+            "or use a provider with spot capacity"
+        )
 
 
 class _ClusterNodeEvents(NodeEvents):
