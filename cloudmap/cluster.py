@@ -60,7 +60,6 @@ class DaskCluster:
         self.client = Client(self._cluster, direct_to_workers=True)
         self._plugin = _PoolPlugin()
         _shorten_batching_intervals(self.client, self._cluster.scheduler, self._plugin)
-        self._evicted: set[str] = set()  # addresses of slots killed with their node
         self._timeouts: dict[str, bytes] = {}
         self._started: dict[str, set[str]] = {}
         self._events_lock = threading.Lock()
@@ -133,9 +132,8 @@ class DaskCluster:
         if not isinstance(error, KilledWorker):
             return None
         address = dead_slot(error).address
-        with self._events_lock:
-            if address in self._evicted:
-                return "evicted"
+        if address in self._plugin.evicted:
+            return "evicted"
         if not _wait_for_event(lambda: self._started_on(key, address)):
             return "queued"
         return None
@@ -150,8 +148,7 @@ class DaskCluster:
             addresses = self.client.run_on_scheduler(_node_workers, node_id)
         except Exception:  # the scheduler is closing: no task is waiting for a verdict
             return
-        with self._events_lock:
-            self._evicted.update(addresses)
+        self._plugin.evicted.update(addresses)
 
     def drain(self, node_id: str) -> None:
         """Give a node's slots no new task and move the tasks queued on them elsewhere;
@@ -160,10 +157,6 @@ class DaskCluster:
         with self._events_lock:
             started = {key: set(workers) for key, workers in self._started.items()}
         self.client.run_on_scheduler(_drain_node, node_id, started)
-
-    def undrain(self, node_id: str) -> None:
-        """Forget a drain; only slots that join later are affected (the node is going)."""
-        self._plugin.draining.discard(node_id)
 
     def work_counts(self) -> tuple[int, int]:
         """(tasks running, tasks waiting for a slot) on the scheduler now."""
@@ -271,15 +264,19 @@ def _shorten_batching_intervals(
 
 
 class _PoolPlugin(SchedulerPlugin):
-    """As each slot joins: apply BATCH_INTERVAL to its stream, and drain it at once if its
-    node is draining (a slot restarted on a node under preemption notice)."""
+    """As each slot joins: apply BATCH_INTERVAL to its stream, drain it at once if its node
+    is draining (a slot restarted on a node under preemption notice), and forget that its
+    address belonged to an evicted slot (ports are reused)."""
 
     name = "cloudmap-pool"
 
     def __init__(self) -> None:
-        self.draining: set[str] = set()  # node ids; changed from the client's thread
+        # Both are changed from the client's threads too; single set operations are atomic.
+        self.draining: set[str] = set()  # node ids
+        self.evicted: set[str] = set()  # addresses of slots killed with their node
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.evicted.discard(worker)
         stream = getattr(scheduler, "stream_comms", {}).get(worker)
         if stream is not None and hasattr(stream, "interval"):
             stream.interval = BATCH_INTERVAL

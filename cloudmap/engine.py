@@ -370,6 +370,7 @@ class MapEngine:
             # A half that dies again is halved again, down to the one item to blame, in
             # log2(size) rounds instead of one task per item.
             half = (len(positions) + 1) // 2
+            self._counts.requeued += len(positions)
             self._retry.extend((batch, position, half) for batch, position in positions)
 
     def _requeue_lost(self, positions: list[tuple[_SourceBatch, int]]) -> None:

@@ -242,19 +242,20 @@ class Pool:
                 raise InputError("pool.autoscale(None) turns autoscale off; it takes no settings")
             scaler.set_policy(None)
             return None
-        if isinstance(policy, Autoscale):
-            new = dataclasses.replace(policy, **settings) if settings else policy
-        elif policy is True:
-            try:
-                new = dataclasses.replace(scaler.policy or Autoscale(), **settings)
-            except TypeError as exc:
-                names = ", ".join(f.name for f in dataclasses.fields(Autoscale))
-                raise InputError(f"{exc}; the settings of autoscale are: {names}") from None
+        if policy is True:
+            base = scaler.policy or Autoscale()
+        elif isinstance(policy, Autoscale):
+            base = policy
         else:
             raise InputError(
                 f"autoscale({policy!r}) is not valid: pass cloudmap.Autoscale(...), settings "
                 "such as max_nodes=8, or None to turn it off"
             )
+        try:
+            new = dataclasses.replace(base, **settings)
+        except TypeError as exc:
+            names = ", ".join(f.name for f in dataclasses.fields(Autoscale))
+            raise InputError(f"{exc}; the settings of autoscale are: {names}") from None
         if new.spot:
             _check_spot(type(self._provider()), "pass Autoscale(spot=False)")
         scaler.set_policy(new)
@@ -266,9 +267,13 @@ class Pool:
         return self._scaling().targets
 
     def scaling_history(self) -> list[ScalingSample]:
-        """The pool over time, one :class:`~cloudmap.scaling.ScalingSample` per interval
-        (one second by default; the last hour is kept): targets and node counts by kind,
-        nodes by state, tasks queued and running."""
+        """The pool over time: targets and node counts by kind, nodes by state, tasks queued
+        and running, as :class:`~cloudmap.ScalingSample` objects, oldest first.
+
+        A sample is taken at each evaluation: every second (the autoscale ``interval``), and
+        at once after a resize, a policy change or work reaching an empty pool. The last
+        3,600 are kept, about an hour.
+        """
         return self._scaling().history()
 
     def _backlog(self) -> int:
@@ -335,15 +340,17 @@ class Pool:
         return infos
 
     def wait_for_nodes(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
-        """Block until ``count`` nodes (default: the targets) have every slot connected.
+        """Block until ``count`` nodes have every slot connected (default: the targets,
+        less the nodes that will not serve: failed, or preempted for good).
 
         ``Pool(...)`` returns as soon as one slot can take work; call this before timing
         something, or to fail early when nodes cannot start.
         """
-        wanted = sum(self.targets) if count is None else count
         deadline = time.monotonic() + timeout
         while True:
             nodes = self.nodes()
+            lost = sum(1 for n in nodes if n.state in FINAL_STATES and not n.restoring)
+            wanted = max(0, sum(self.targets) - lost) if count is None else count
             ready = [n for n in nodes if n.state in _READY and len(n.workers) >= n.slots]
             if len(ready) >= wanted:
                 return
@@ -363,7 +370,9 @@ class Pool:
         nodes = provider.list_nodes()
         coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES or n.restoring)
         scaler = self._scaling()
-        if not coming and scaler.policy is not None:
+        policy = scaler.policy
+        failed = sum(1 for n in nodes if n.state in FINAL_STATES and not n.restoring)
+        if not coming and policy is not None and failed < policy.max_nodes:
             scaler.nudge()  # evaluate now rather than at the next interval
             return self.spec.slots_per_node  # the work itself will bring nodes
         if not coming:

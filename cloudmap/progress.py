@@ -18,8 +18,9 @@ class ProgressCounts:
     """Items of one map: ``total`` is None while the input's length is unknown.
 
     ``retried`` counts attempts that failed and were tried again (they spend ``retries``);
-    ``requeued`` counts items sent again because their node was preempted or removed, or
-    their slot died while they only waited on it (free of charge).
+    ``requeued`` counts items sent again free of charge: their node was preempted or
+    removed, their slot died while they only waited on it, or they shared a task with an
+    item that crashed its slot (re-run in halves to find it).
     """
 
     total: int | None
@@ -68,8 +69,13 @@ class TqdmReporter:
         if self._bar is None:
             return
         self._bar.update(counts.done + counts.failed - self._bar.n)
-        if counts.failed or counts.retried:
-            self._bar.set_postfix(failed=counts.failed, retried=counts.retried, refresh=False)
+        if counts.failed or counts.retried or counts.requeued:
+            self._bar.set_postfix(
+                failed=counts.failed,
+                retried=counts.retried,
+                requeued=counts.requeued,
+                refresh=False,
+            )
 
     def close(self, counts: ProgressCounts) -> None:
         if self._bar is not None:

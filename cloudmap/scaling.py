@@ -38,9 +38,9 @@ DEPARTURE_CHECK = 0.2
 
 _USABLE = frozenset({NodeState.CREATING, NodeState.STARTING, NodeState.IDLE, NodeState.RUNNING})
 _FAILED = frozenset({NodeState.START_FAILED, NodeState.UNUSABLE})
-#: Which nodes a shrinking pool gives up first: those that serve nothing, then those that
-#: have not started serving, then the idle (longest idle first), and running ones last.
-_REMOVAL_RANK = {
+#: Which nodes a resize gives up first: those that serve nothing, then those that have not
+#: started serving, then the idle (longest idle first), and running ones last.
+_RESIZE_ORDER = {
     NodeState.PREEMPTED: 0,
     NodeState.START_FAILED: 1,
     NodeState.UNUSABLE: 1,
@@ -50,6 +50,27 @@ _REMOVAL_RANK = {
     NodeState.LEAVING: 5,
     NodeState.RUNNING: 6,
 }
+#: Autoscale removes the idle nodes its policy counted (preempted nodes are part of its
+#: targets, to be restored or replaced; failed ones are kept for inspection).
+_AUTOSCALE_ORDER = {
+    **_RESIZE_ORDER,
+    NodeState.IDLE: 0,
+    NodeState.CREATING: 1,
+    NodeState.STARTING: 2,
+    NodeState.PREEMPTED: 3,
+    NodeState.START_FAILED: 4,
+    NodeState.UNUSABLE: 4,
+}
+#: Nodes that run nothing: removed at once even with ``taskcompletion``.
+_NOT_SERVING = frozenset(
+    {
+        NodeState.CREATING,
+        NodeState.STARTING,
+        NodeState.PREEMPTED,
+        NodeState.START_FAILED,
+        NodeState.UNUSABLE,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -127,6 +148,8 @@ class Scaler:
             return frozenset(self._leaving)
 
     def history(self) -> list[ScalingSample]:
+        """One sample per evaluation: every interval, and at once after a resize, a policy
+        change or work reaching an empty pool; the last HISTORY_LENGTH are kept."""
         with self._lock:
             return list(self._history)
 
@@ -142,7 +165,7 @@ class Scaler:
                     "pool.autoscale(None) first to resize it by hand"
                 )
             self.targets = (dedicated, spot)
-            self._reconcile(self._nodes(), deallocation)
+            self._reconcile(self._nodes(), deallocation, _RESIZE_ORDER)
         self._wake.set()
 
     def nudge(self) -> None:
@@ -152,6 +175,8 @@ class Scaler:
     def set_policy(self, policy: Autoscale | None) -> None:
         with self._lock:
             self.policy = policy
+            if policy is None:
+                self._reason = "autoscale off"
         self._wake.set()
 
     # -- the loop ------------------------------------------------------------------------
@@ -210,28 +235,32 @@ class Scaler:
         self._reason = decision.reason
         self.targets = (decision.dedicated, decision.spot)
         # Scale-down never kills running work: nodes leave when their tasks are done.
-        self._reconcile(nodes, "taskcompletion")
+        self._reconcile(nodes, "taskcompletion", _AUTOSCALE_ORDER)
 
     # -- making nodes match the targets --------------------------------------------------
 
-    def _reconcile(self, nodes: list[NodeInfo], deallocation: str) -> None:
+    def _reconcile(
+        self, nodes: list[NodeInfo], deallocation: str, order: dict[NodeState, int]
+    ) -> None:
         for dedicated, target in ((True, self.targets[0]), (False, self.targets[1])):
             present = [n for n in nodes if n.dedicated == dedicated and n.id not in self._leaving]
             if len(present) < target:
                 self._provider.add_nodes(target - len(present), dedicated=dedicated)
             elif len(present) > target:
-                ranked = sorted(present, key=lambda n: (_REMOVAL_RANK[n.state], n.since))
+                ranked = sorted(present, key=lambda n: (order[n.state], n.since))
                 self._remove(ranked[: len(present) - target], deallocation)
 
     def _remove(self, victims: Sequence[NodeInfo], deallocation: str) -> None:
         if deallocation == "requeue":
             self._provider.remove_nodes([n.id for n in victims])
             return
-        now = [n.id for n in victims if n.state != NodeState.RUNNING]
+        # Even an idle node is drained first and removed once the scheduler confirms it
+        # runs nothing: a task may have reached it since the nodes were listed.
+        now = [n.id for n in victims if n.state in _NOT_SERVING]
         if now:
             self._provider.remove_nodes(now)
         for node in victims:
-            if node.state == NodeState.RUNNING:
+            if node.state not in _NOT_SERVING:
                 self._leaving.add(node.id)
                 self._cluster.drain(node.id)
 

@@ -153,7 +153,7 @@ class LocalProvider(Provider):
             start_task=self._start_task_argv,
             start_task_timeout=self.spec.start_task_timeout,
         ).dump(layout.root / CONFIG_FILE)
-        with (layout.root / "agent.log").open("wb") as log:
+        with (layout.root / "agent.log").open("ab") as log:  # a restored node appends
             process = subprocess.Popen(
                 [sys.executable, "-m", "cloudmap.node", str(layout.root)],
                 stdin=subprocess.PIPE,

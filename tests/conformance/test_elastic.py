@@ -301,3 +301,13 @@ def test_history_is_bounded(provider: str, monkeypatch: pytest.MonkeyPatch) -> N
         history = pool.scaling_history()
     assert len(history) == 5
     assert [s.time for s in history] == sorted(s.time for s in history)
+
+
+def test_a_map_on_an_autoscaling_pool_whose_nodes_all_fail_raises(provider: str) -> None:
+    policy = cloudmap.Autoscale(max_nodes=1, interval=0.2)
+    with cloudmap.Pool(provider, autoscale=policy, start_task="exit 3") as pool:
+        started = time.monotonic()
+        with pytest.raises(cloudmap.NoNodesError):
+            pool.map(tasks.square, range(10), progress=False)
+        assert time.monotonic() - started < 60
+        assert [n.state for n in pool.nodes()] == [NodeState.START_FAILED]
