@@ -158,6 +158,20 @@ class DaskCluster:
             started = {key: set(workers) for key, workers in self._started.items()}
         self.client.run_on_scheduler(_drain_node, node_id, started)
 
+    def rebalance(self) -> int:
+        """Move tasks waiting behind a running one on a busy slot to the scheduler's queue
+        when some slot is idle; return how many moved.
+
+        Dask queues up to two tasks on a one-thread slot (``worker-saturation`` 1.1, which
+        keeps slots fed between short tasks), and with work stealing off a task queued
+        there waits even when a new node has joined with idle slots: a long task would
+        make the one behind it wait for its whole run. Only tasks that have not started
+        (no start event) are moved, so nothing runs twice.
+        """
+        with self._events_lock:
+            started = {key: set(workers) for key, workers in self._started.items()}
+        return int(self.client.run_on_scheduler(_rebalance, started))
+
     def work_counts(self) -> tuple[int, int]:
         """(tasks running, tasks waiting for a slot) on the scheduler now."""
         running, waiting = self.client.run_on_scheduler(_work_counts)
@@ -327,6 +341,24 @@ def _drain_node(node_id: str, started: dict[str, set[str]], dask_scheduler: Sche
         for ts in list(ws.processing):
             if ws.address not in started.get(str(ts.key), ()):
                 dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
+
+
+def _rebalance(started: dict[str, set[str]], dask_scheduler: Scheduler) -> int:
+    idle = sum(1 for ws in dask_scheduler.running if not ws.processing)
+    moved = 0
+    stimulus = f"cloudmap-rebalance-{time.time()}"
+    for ws in list(dask_scheduler.running):
+        if moved >= idle:
+            break
+        if len(ws.processing) <= ws.nthreads:
+            continue
+        for ts in list(ws.processing):
+            if moved >= idle or len(ws.processing) <= ws.nthreads:
+                break
+            if ws.address not in started.get(str(ts.key), ()):
+                dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
+                moved += 1
+    return moved
 
 
 def _close_gracefully(dask_scheduler: Scheduler, ws: Any) -> None:

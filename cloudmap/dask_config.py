@@ -22,9 +22,4 @@ LOW_OVERHEAD: dict[str, Any] = {
     # Batches are sized to balance the slots already, and a stolen task would run on a
     # slot other than the one it told the client it started on.
     "distributed.scheduler.work-stealing": False,
-    # One task per one-thread slot, the rest queued on the scheduler: a slot that joins
-    # later (a resize, autoscale) or frees up takes the next task, instead of it waiting
-    # behind a running one on a busy slot; a draining node holds nothing it has not begun.
-    # Batches last ~0.5 s, so the round trip between two tasks costs well under 1 %.
-    "distributed.scheduler.worker-saturation": 1.0,
 }

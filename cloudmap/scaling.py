@@ -208,6 +208,8 @@ class Scaler:
             running, waiting = self._cluster.work_counts()
             queued = waiting + self._backlog()
             nodes = self._finish_departures(nodes)
+            if any(n.state == NodeState.IDLE for n in nodes):
+                self._cluster.rebalance()
             if self.policy is not None:
                 self._autoscale(self.policy, nodes, running, queued)
             self._record(nodes, running, queued)

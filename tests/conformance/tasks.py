@@ -105,3 +105,10 @@ def flaky(x: int, bad: frozenset[int] = frozenset({7, 4242})) -> int:
     if x in bad:
         raise ValueError(f"item {x} is bad")
     return x
+
+
+def sleep_span(x: int, seconds: float) -> tuple[float, float]:
+    """Sleep; return when the call began and ended (wall clock, comparable across nodes)."""
+    began = time.time()
+    time.sleep(seconds)
+    return began, time.time()

@@ -311,3 +311,14 @@ def test_a_map_on_an_autoscaling_pool_whose_nodes_all_fail_raises(provider: str)
             pool.map(tasks.square, range(10), progress=False)
         assert time.monotonic() - started < 60
         assert [n.state for n in pool.nodes()] == [NodeState.START_FAILED]
+
+
+def test_a_task_queued_on_a_busy_slot_moves_to_a_node_that_joins(provider: str) -> None:
+    with cloudmap.Pool(provider, nodes=1) as pool:
+        pool.wait_for_nodes()
+        futures = [pool.submit(tasks.sleep_span, i, 5.0) for i in range(2)]
+        pool.resize(nodes=2)
+        (_, first_ended), (second_began, _) = (f.result(timeout=60) for f in futures)
+        assert second_began < first_ended - 1.0, (
+            "the second task waited for the first instead of moving to the new node"
+        )
