@@ -152,8 +152,11 @@ def main() -> int:
             log(f"  {peer}: up {up:.2f} s, down {down:.2f} s")
 
     undisturbed = median(raw["undisturbed"])
-    print(f"## Preemption ({ITEMS} items of {ITEM_SECONDS * 1000:.0f} ms on {NODES} nodes, ")
-    print(f"one spot node preempted {PREEMPT_AT:.0%} of the way; medians of {rounds} rounds)\n")
+    print("## Preemption\n")
+    print(
+        f"{ITEMS} items of {ITEM_SECONDS * 1000:.0f} ms on {NODES} nodes, one spot node "
+        f"preempted {PREEMPT_AT:.0%} of the way; medians of {rounds} rounds.\n"
+    )
     print("| run | seconds | vs undisturbed |")
     print("|---|---:|---:|")
     for case in ("undisturbed", "preempted", "preempted, notice"):
