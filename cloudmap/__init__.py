@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Pool": "cloudmap.pool",
+    "MpiResult": "cloudmap.mpi",
+    "MpiError": "cloudmap.errors",
+    "MpiTimeoutError": "cloudmap.errors",
+    "MpiUnavailableError": "cloudmap.errors",
     "Autoscale": "cloudmap.autoscale",
     "Eviction": "cloudmap.providers.eviction",
     "ScalingSample": "cloudmap.scaling",
@@ -46,6 +50,10 @@ __all__ = [
     "Eviction",
     "Future",
     "InputError",
+    "MpiError",
+    "MpiResult",
+    "MpiTimeoutError",
+    "MpiUnavailableError",
     "NoNodesError",
     "NodeInfo",
     "NodeState",
@@ -71,6 +79,9 @@ if TYPE_CHECKING:
     from .errors import (
         CloudmapError,
         InputError,
+        MpiError,
+        MpiTimeoutError,
+        MpiUnavailableError,
         NoNodesError,
         PoolClosedError,
         PoolStartError,
@@ -82,6 +93,7 @@ if TYPE_CHECKING:
         WorkerLostError,
     )
     from .futures import Future, PoolExecutor
+    from .mpi import MpiResult
     from .nodes import NodeInfo, NodeState, StartTaskInfo
     from .pool import Pool
     from .progress import ProgressCounts, ProgressReporter

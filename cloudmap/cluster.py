@@ -158,6 +158,19 @@ class DaskCluster:
             started = {key: set(workers) for key, workers in self._started.items()}
         self.client.run_on_scheduler(_drain_node, node_id, started)
 
+    def undrain(self, node_id: str) -> None:
+        """Let a drained node's slots take tasks again (an MPI run gave its nodes back)."""
+        self._plugin.draining.discard(node_id)
+        self.client.run_on_scheduler(_undrain_node, node_id)
+
+    def nodes_quiet(self, node_ids: list[str]) -> bool:
+        """Whether no slot of these nodes has a task assigned."""
+        return bool(self.client.run_on_scheduler(_nodes_quiet, list(node_ids)))
+
+    def run_on(self, worker: str, coroutine: Callable[..., Any], *args: Any) -> Any:
+        """Await ``coroutine(*args)`` in one slot process (out of band, not as a task)."""
+        return self.client.run(coroutine, *args, workers=[worker])[worker]
+
     def rebalance(self) -> int:
         """Move tasks waiting behind a running one on a busy slot to the scheduler's queue
         when some slot is idle; return how many moved.
@@ -359,6 +372,26 @@ def _rebalance(started: dict[str, set[str]], dask_scheduler: Scheduler) -> int:
                 dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
                 moved += 1
     return moved
+
+
+def _nodes_quiet(node_ids: list[str], dask_scheduler: Scheduler) -> bool:
+    wanted = set(node_ids)
+    return not any(
+        ws.processing for ws in dask_scheduler.workers.values() if node_of(ws.name) in wanted
+    )
+
+
+def _undrain_node(node_id: str, dask_scheduler: Scheduler) -> None:
+    stimulus = f"cloudmap-undrain-{time.time()}"
+    for ws in list(dask_scheduler.workers.values()):
+        if node_of(ws.name) != node_id or ws.status != Status.closing_gracefully:
+            continue
+        dask_scheduler.handle_worker_status_change(Status.running, ws, stimulus)
+        stream = dask_scheduler.stream_comms.get(ws.address)
+        if stream is not None:
+            stream.send(
+                {"op": "worker-status-change", "status": "running", "stimulus_id": stimulus}
+            )
 
 
 def _close_gracefully(dask_scheduler: Scheduler, ws: Any) -> None:

@@ -141,3 +141,47 @@ class TaskTimeoutError(TimeoutError):
 
 class WorkerLostError(RuntimeError):
     """The slot process running an item died (crash, out of memory, ``os._exit``...)."""
+
+
+class MpiUnavailableError(CloudmapError):
+    """MPI runs need mpi4py and an MPI launcher on the nodes: the ``cloudmap[mpi]`` extra."""
+
+
+class MpiError(CloudmapError):
+    """An MPI run failed: a rank raised or exited non-zero, or the run timed out.
+
+    Attributes
+    ----------
+    rank : int or None
+        The rank that failed first, when it is known.
+    node : str or None
+        The node that rank ran on.
+    exception : BaseException or None
+        What the rank's function raised (Python mode).
+    remote_traceback : str
+        The rank's traceback (Python mode).
+    result : MpiResult or None
+        Exit code and every rank's stdout and stderr.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int | None = None,
+        node: str | None = None,
+        exception: BaseException | None = None,
+        remote_traceback: str = "",
+        result: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.node = node
+        self.exception = exception
+        self.remote_traceback = remote_traceback
+        self.result = result
+        self.results: dict[int, Any] = {}  # mpi_map: the runs that finished, by position
+
+
+class MpiTimeoutError(MpiError, TimeoutError):
+    """An MPI run took longer than its ``timeout=``; every rank was killed."""

@@ -20,8 +20,18 @@ from typing import Any
 from .autoscale import Autoscale
 from .cluster import DaskCluster
 from .engine import SKIPPED, MapEngine, MapOptions
-from .errors import InputError, NoNodesError, PoolClosedError, PoolStartError, TaskError
+from .errors import (
+    InputError,
+    MpiError,
+    MpiTimeoutError,
+    NoNodesError,
+    PoolClosedError,
+    PoolStartError,
+    TaskError,
+)
 from .futures import Future, PoolExecutor
+from .gang import GangScheduler
+from .mpi import MpiResult, MpiRunner, RunOptions
 from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
 from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
 from .providers import PoolSpec, Provider, get_provider
@@ -129,6 +139,13 @@ class Pool:
                 targets=(nodes, spot_nodes),
                 policy=autoscale,
             )
+            self._gang = GangScheduler(
+                self._cluster,
+                nodes=_weakly(self, Pool.nodes),
+                capacity=_weakly(self, Pool._capacity),
+                nudge=self._scaler.nudge,
+            )
+            self._mpi = MpiRunner(self._cluster, self._gang)
             self._finalizer = weakref.finalize(
                 self, _teardown, self._scaler, self.provider, self._cluster
             )
@@ -277,8 +294,19 @@ class Pool:
         return self._scaling().history()
 
     def _backlog(self) -> int:
-        """Tasks' worth of work the pool's maps have not sent yet (for autoscale)."""
-        return sum(engine.backlog_tasks() for engine in list(self._engines))
+        """Tasks' worth of work not sent yet (for autoscale): the maps' unsent input, and
+        whole nodes that waiting MPI runs still lack."""
+        mpi = self._gang.waiting_nodes() * self.spec.slots_per_node
+        return mpi + sum(engine.backlog_tasks() for engine in list(self._engines))
+
+    def _capacity(self) -> int:
+        """The most usable nodes this pool can have: autoscale's maximum, or the nodes it
+        has that serve or will (failed and for-good preempted nodes do not)."""
+        policy = self._scaling().policy
+        if policy is not None:
+            return policy.max_nodes
+        nodes = self._provider().list_nodes()
+        return sum(1 for n in nodes if n.state not in FINAL_STATES or n.restoring)
 
     # -- Dask ------------------------------------------------------------------------------
 
@@ -310,6 +338,7 @@ class Pool:
         """Every node with its state: the provider's word, merged with the scheduler's."""
         provider_nodes = self._provider().list_nodes()
         leaving = self._scaling().leaving()
+        held = self._gang.held()
         slots = self._cluster.slots_by_node()
         now = datetime.now(timezone.utc)
         infos = []
@@ -319,6 +348,8 @@ class Pool:
             state = merged_state(node.state, len(joined), busy)
             if node.id in leaving:
                 state = NodeState.LEAVING
+            elif node.id in held and state in _READY:
+                state, busy = NodeState.RUNNING, node.slots  # an MPI run holds it whole
             since = node.since
             if node.state == "ready" or node.id in leaving:  # the pool's own observation time
                 previous = self._seen.get(node.id)
@@ -508,6 +539,104 @@ class Pool:
         )
         self._engines.add(engine)
         return engine
+
+    # -- MPI --------------------------------------------------------------------------------
+
+    def mpi(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        nodes: int = 1,
+        ranks_per_node: int = 1,
+        timeout: float | None = None,
+        coordination: str | Callable[[], Any] | None = None,
+        root_only: bool = False,
+        env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn(comm, *args, **kwargs)`` on ``nodes x ranks_per_node`` MPI ranks.
+
+        ``comm`` is mpi4py's ``MPI.COMM_WORLD``. Returns every rank's return value in rank
+        order (rank 0's alone with ``root_only=True``). The nodes are held whole: no map
+        task runs on them meanwhile, and they go back to the pool afterwards.
+
+        ``coordination`` (a shell command or a callable) runs on every node first, as Batch's
+        coordination command does. Every rank (and the coordination step) sees
+        ``CLOUDMAP_HOST_LIST``, ``CLOUDMAP_NODE_LIST``, ``CLOUDMAP_MASTER_NODE``,
+        ``CLOUDMAP_IS_MASTER`` and ``CLOUDMAP_TASK_SHARED_DIR``, plus ``env``.
+
+        A rank that raises or exits non-zero stops every rank and raises
+        :class:`~cloudmap.MpiError` naming the rank, its node and its traceback; after
+        ``timeout`` seconds every rank is killed (:class:`~cloudmap.MpiTimeoutError`).
+        Needs the ``cloudmap[mpi]`` extra (mpi4py and MPICH) where the nodes run.
+
+        >>> pool.mpi(lambda comm: comm.allreduce(comm.rank), nodes=2, ranks_per_node=2)
+        ... # doctest: +SKIP
+        [6, 6, 6, 6]
+        """
+        self._provider()
+        options = RunOptions(nodes, ranks_per_node, timeout, coordination, env)
+        return self._mpi.call(fn, args, kwargs, options, root_only)
+
+    def mpi_command(
+        self,
+        command: str,
+        *,
+        nodes: int = 1,
+        ranks_per_node: int = 1,
+        timeout: float | None = None,
+        coordination: str | Callable[[], Any] | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> MpiResult:
+        """Run an MPI program (any language) on ``nodes x ranks_per_node`` ranks.
+
+        ``command`` is a shell command each rank runs in its node's task directory, e.g.
+        ``"./solver in.dat"``. Returns a :class:`~cloudmap.MpiResult`: the exit code and each
+        rank's stdout and stderr. A non-zero exit raises :class:`~cloudmap.MpiError` naming
+        the rank, with its stderr (``check=False`` returns the result instead).
+        """
+        self._provider()
+        if not isinstance(command, str) or not command.strip():
+            raise InputError(f"command={command!r} is not valid: pass a shell command string")
+        options = RunOptions(nodes, ranks_per_node, timeout, coordination, env)
+        try:
+            result, _ = self._mpi.run(options, command=command)
+        except MpiError as exc:
+            if check or isinstance(exc, MpiTimeoutError) or exc.result is None:
+                raise
+            result = exc.result
+            assert isinstance(result, MpiResult)
+            return result
+        return result
+
+    def mpi_map(
+        self,
+        fn: Callable[..., Any],
+        params: Iterable[Any],
+        *,
+        nodes_per_run: int = 1,
+        ranks_per_node: int = 1,
+        timeout: float | None = None,
+        coordination: str | Callable[[], Any] | None = None,
+        root_only: bool = True,
+        env: dict[str, str] | None = None,
+        progress: Any = None,
+    ) -> list[Any]:
+        """One MPI run ``fn(comm, param)`` per parameter, as many at once as the pool holds.
+
+        Returns one entry per parameter, in order: rank 0's return value (every rank's, as a
+        list, with ``root_only=False``). The first failed run raises its
+        :class:`~cloudmap.MpiError` once the runs in progress end; its ``results`` holds the
+        runs that finished, by position.
+        """
+        self._provider()
+        options = RunOptions(nodes_per_run, ranks_per_node, timeout, coordination, env).checked()
+        at_once = max(1, self._capacity() // nodes_per_run)
+        return self._mpi.map(
+            fn, params, options, runs_at_once=at_once, root_only=root_only, progress=progress
+        )
 
     # -- display ---------------------------------------------------------------------------
 

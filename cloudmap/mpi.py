@@ -1,0 +1,278 @@
+"""Multi-instance MPI runs on a pool: Batch's multi-instance tasks, in Python terms.
+
+A run takes k whole nodes from the pool (:mod:`cloudmap.gang`), runs the coordination step
+on each, then launches the ranks from the primary node with MPICH's ``mpiexec``
+(:mod:`cloudmap.node.mpi_launch`), and gives the nodes back whatever happens. Python mode
+calls ``fn(comm, *args, **kwargs)`` on every rank and returns the values in rank order;
+command mode runs any MPI program and returns its exit code and each rank's output.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from .cluster import DaskCluster
+from .errors import InputError, MpiError, MpiTimeoutError, MpiUnavailableError, SerializationError
+from .gang import GangScheduler, Lease
+from .node.mpi_launch import MpiSpec, RunNode, coordinate, launch, stop_run
+from .progress import ProgressCounts, make_reporter
+from .validation import check_int, check_positive
+
+#: Exit statuses that mean "killed because another rank failed", not "this rank failed".
+_KILLED_STATUSES = frozenset({-9, -15, 9, 15, 137, 143})
+MPI_EXTRA_HINT = "pip install 'cloudmap[mpi]' (mpi4py and the mpich wheel) where the nodes run"
+
+
+@dataclass(frozen=True)
+class MpiResult:
+    """What an MPI run left: the launcher's exit code and every rank's output, in rank order.
+
+    ``nodes`` are the node ids the run held, the primary first.
+    """
+
+    exit_code: int
+    stdout: list[str]
+    stderr: list[str]
+    nodes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    nodes: int = 1
+    ranks_per_node: int = 1
+    timeout: float | None = None
+    coordination: str | Callable[[], Any] | None = None
+    env: dict[str, str] | None = None
+
+    def checked(self) -> RunOptions:
+        check_int("nodes", self.nodes, minimum=1)
+        check_int("ranks_per_node", self.ranks_per_node, minimum=1)
+        if self.timeout is not None:
+            check_positive("timeout", self.timeout)
+        if self.coordination is not None and not (
+            isinstance(self.coordination, str) or callable(self.coordination)
+        ):
+            raise InputError(
+                f"coordination={self.coordination!r} is neither a shell command nor a callable"
+            )
+        return self
+
+
+class MpiRunner:
+    """Runs MPI jobs on whole nodes leased from the pool."""
+
+    def __init__(self, cluster: DaskCluster, gang: GangScheduler) -> None:
+        self._cluster = cluster
+        self._gang = gang
+
+    def run(
+        self, options: RunOptions, *, call: bytes | None = None, command: str | None = None
+    ) -> tuple[MpiResult, list[Any] | None]:
+        """Lease, coordinate, launch, collect, release. Raises MpiError on any failure."""
+        options = options.checked()
+        coordination = _coordination_payload(options.coordination)
+        lease = self._gang.acquire(options.nodes)
+        try:
+            spec = MpiSpec(
+                run_id=uuid.uuid4().hex[:12],
+                nodes=tuple(_run_node(node) for node in lease.nodes),
+                ranks_per_node=options.ranks_per_node,
+                command=command,
+                call=call,
+                coordination=coordination,
+                timeout=options.timeout,
+                env={str(k): str(v) for k, v in (options.env or {}).items()},
+            )
+            directories = self._coordinate(spec)
+            primary = spec.nodes[0].worker
+            try:
+                outcome = self._cluster.run_on(primary, launch, spec, directories)
+            except BaseException:
+                self._cluster.run_on(primary, stop_run, spec.run_id)
+                raise
+            return _interpret(spec, lease, outcome)
+        finally:
+            self._gang.release(lease)
+
+    def _coordinate(self, spec: MpiSpec) -> list[str]:
+        workers = [node.worker for node in spec.nodes]
+        with concurrent.futures.ThreadPoolExecutor(len(workers)) as threads:
+            outcomes = list(
+                threads.map(
+                    lambda pair: self._cluster.run_on(pair[1], coordinate, spec, pair[0]),
+                    enumerate(workers),
+                )
+            )
+        for node, outcome in zip(spec.nodes, outcomes, strict=True):
+            if outcome["missing"]:
+                raise MpiUnavailableError(
+                    f"MPI cannot run on {node.id}: {outcome['missing']}; {MPI_EXTRA_HINT}"
+                )
+            if outcome.get("exit_code"):
+                raise MpiError(
+                    f"the coordination step failed on {node.id} with exit code "
+                    f"{outcome['exit_code']}; no rank was started\n--- stderr ---\n"
+                    f"{outcome['stderr'][-2000:]}",
+                    node=node.id,
+                )
+        return [str(outcome["directory"]) for outcome in outcomes]
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        params: Iterable[Any],
+        options: RunOptions,
+        *,
+        runs_at_once: int,
+        root_only: bool,
+        progress: Any,
+    ) -> list[Any]:
+        """One Python-mode run per parameter, as many at once as the pool holds."""
+        params = list(params)
+        counts = ProgressCounts(total=len(params))
+        reporter = make_reporter(progress)
+        if reporter is not None:
+            reporter.start(counts, "mpi_map")
+        results: dict[int, Any] = {}
+        first_error: MpiError | None = None
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max(1, runs_at_once)) as threads:
+                futures = {
+                    threads.submit(self.call, fn, (param,), {}, options, root_only): index
+                    for index, param in enumerate(params)
+                }
+                counts.in_flight = len(futures)
+                for future in concurrent.futures.as_completed(futures):
+                    index = futures[future]
+                    counts.in_flight -= 1
+                    try:
+                        results[index] = future.result()
+                        counts.done += 1
+                    except MpiError as exc:
+                        counts.failed += 1
+                        if first_error is None:
+                            first_error = exc
+                            for other in futures:
+                                other.cancel()
+                    except concurrent.futures.CancelledError:
+                        pass
+                    if reporter is not None:
+                        reporter.update(counts)
+        finally:
+            if reporter is not None:
+                reporter.close(counts)
+        if first_error is not None:
+            first_error.results = results
+            raise first_error
+        return [results[i] for i in range(len(params))]
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: RunOptions,
+        root_only: bool,
+    ) -> Any:
+        """Python mode: ``fn(comm, *args, **kwargs)`` on every rank; the ranks' values."""
+        if not callable(fn):
+            raise InputError(f"pool.mpi needs a function, got {type(fn).__name__}")
+        try:
+            call = cloudpickle.dumps((fn, args, kwargs))
+        except Exception as exc:
+            raise SerializationError(
+                f"the MPI function or its arguments cannot be pickled ({exc}); pass a "
+                "module-level function and picklable arguments"
+            ) from exc
+        _, values = self.run(options, call=call)
+        assert values is not None
+        return values[0] if root_only else values
+
+
+def _run_node(node: Any) -> RunNode:
+    worker = node.workers[0]
+    host = worker.split("://", 1)[-1].rsplit(":", 1)[0]
+    return RunNode(node.id, host, worker)
+
+
+def _coordination_payload(coordination: str | Callable[[], Any] | None) -> str | bytes | None:
+    if coordination is None or isinstance(coordination, str):
+        return coordination
+    try:
+        return bytes(cloudpickle.dumps(coordination))
+    except Exception as exc:
+        raise SerializationError(
+            f"coordination={coordination!r} cannot be pickled ({exc}); pass a module-level "
+            "function or a shell command"
+        ) from exc
+
+
+def _interpret(spec: MpiSpec, lease: Lease, outcome: dict[str, Any]) -> tuple[MpiResult, Any]:
+    exit_code = outcome["exit_code"]
+    result = MpiResult(
+        exit_code=0 if exit_code is None else int(exit_code),
+        stdout=list(outcome["stdout"]),
+        stderr=list(outcome["stderr"]),
+        nodes=[node.id for node in spec.nodes],
+    )
+    node_of_rank = [node.id for node in spec.nodes for _ in range(spec.ranks_per_node)]
+    if outcome["timed_out"]:
+        raise MpiTimeoutError(
+            f"the MPI run on {', '.join(result.nodes)} ran longer than timeout="
+            f"{spec.timeout:g} s; every rank was killed and the nodes returned to the pool",
+            result=result,
+        )
+    errors: dict[int, str] = outcome["errors"]
+    if errors:
+        rank = min(errors)
+        blob, text = cloudpickle.loads(base64.b64decode(errors[rank]))
+        exception = cloudpickle.loads(blob)
+        raise MpiError(
+            f"rank {rank} on {node_of_rank[rank]} raised {type(exception).__name__}: "
+            f"{exception}; every rank was stopped\n\nRemote traceback:\n{text.rstrip()}",
+            rank=rank,
+            node=node_of_rank[rank],
+            exception=exception,
+            remote_traceback=text,
+            result=result,
+        )
+    if result.exit_code != 0 or (spec.call is not None and outcome["result"] is None):
+        failed = _failed_rank(outcome["exits"])
+        if failed is None:
+            where, code, tail = "a rank", result.exit_code, str(outcome["launcher"])
+        else:
+            where = f"rank {failed} on {node_of_rank[failed]}"
+            code, tail = outcome["exits"][failed], result.stderr[failed]
+        message = f"{where} exited with status {code}; every rank was stopped"
+        if tail.strip():
+            message += f"\n--- stderr (end) ---\n{tail[-2000:].rstrip()}"
+        raise MpiError(
+            message,
+            rank=failed,
+            node=None if failed is None else node_of_rank[failed],
+            result=result,
+        )
+    values = None
+    if spec.call is not None:
+        values = [cloudpickle.loads(blob) for blob in cloudpickle.loads(outcome["result"])]
+    return result, values
+
+
+def _failed_rank(exits: dict[int, int]) -> int | None:
+    """The rank that failed by itself: non-zero, and not merely killed for another's sake."""
+    own = sorted(rank for rank, code in exits.items() if code and code not in _KILLED_STATUSES)
+    if own:
+        return own[0]
+    failed = sorted(rank for rank, code in exits.items() if code)
+    return failed[0] if failed else None

@@ -1,0 +1,251 @@
+"""What the nodes of an MPI run do: prepare (coordination), launch, collect, clean up.
+
+These coroutines run inside a slot process through ``Client.run``, on its event loop, so
+they only await: the slot keeps its heartbeats while a run lasts hours. The primary node's
+slot launches MPICH's ``mpiexec`` from the slot's own environment, one MPMD block per node
+(``-n ranks_per_node`` with that node's working directory and ``CLOUDMAP_*`` variables),
+with each rank's stdout and stderr in files on the primary, as Batch keeps a
+multi-instance task's output. Locally every node is on this machine, so hydra's ``fork``
+launcher starts all ranks without ssh; the ranks stay in the node's process group, so a
+node that is killed takes its ranks with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .mpi_rank import ERROR_MARKER
+
+#: A run's processes get this long between SIGTERM and SIGKILL when it is stopped.
+KILL_GRACE = 2.0
+#: Most bytes of each rank's stdout and stderr sent back to the client.
+OUTPUT_LIMIT = 1 << 20
+
+_running: dict[str, asyncio.subprocess.Process] = {}
+
+
+@dataclass(frozen=True)
+class RunNode:
+    id: str
+    host: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class MpiSpec:
+    """One MPI run, as the client describes it to the nodes."""
+
+    run_id: str
+    nodes: tuple[RunNode, ...]
+    ranks_per_node: int
+    command: str | None = None  # command mode
+    call: bytes | None = None  # Python mode: cloudpickled (fn, args, kwargs)
+    coordination: str | bytes | None = None  # shell command, or cloudpickled callable
+    timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> int:
+        return len(self.nodes) * self.ranks_per_node
+
+    def environment(self, index: int, directory: str) -> dict[str, str]:
+        """The ``CLOUDMAP_*`` (Batch: ``AZ_BATCH_*``) variables of node ``index``'s ranks."""
+        hosts = ",".join(node.host for node in self.nodes)
+        return {
+            **self.env,
+            "CLOUDMAP_HOST_LIST": hosts,
+            "CLOUDMAP_NODE_LIST": ",".join(node.id for node in self.nodes),
+            "CLOUDMAP_MASTER_NODE": self.nodes[0].host,
+            "CLOUDMAP_MASTER_NODE_ID": self.nodes[0].id,
+            "CLOUDMAP_IS_MASTER": "true" if index == 0 else "false",
+            "CLOUDMAP_TASK_SHARED_DIR": directory,
+            "CLOUDMAP_RANKS_PER_NODE": str(self.ranks_per_node),
+        }
+
+
+def mpiexec_path() -> Path:
+    """The MPI launcher of the Python environment the slot runs in (the ``mpich`` wheel)."""
+    return Path(sys.executable).parent / "mpiexec"
+
+
+def missing_mpi(python_mode: bool) -> str | None:
+    """Why MPI cannot run on this node, or None."""
+    if not mpiexec_path().exists():
+        return f"there is no MPI launcher at {mpiexec_path()}"
+    if python_mode:
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError as exc:
+            return f"mpi4py cannot be imported ({exc})"
+    return None
+
+
+def run_directory(run_id: str) -> Path:
+    tasks = Path(os.environ.get("CLOUDMAP_NODE_TASKS_DIR", os.getcwd()))
+    return tasks / f"mpi-{run_id}"
+
+
+async def coordinate(spec: MpiSpec, index: int) -> dict[str, Any]:
+    """On every node before the ranks start: make the run's directory, run coordination."""
+    directory = run_directory(spec.run_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, Any] = {
+        "directory": str(directory),
+        "missing": missing_mpi(spec.call is not None),
+    }
+    if outcome["missing"] or spec.coordination is None:
+        return outcome
+    env = {**os.environ, **spec.environment(index, str(directory))}
+    if isinstance(spec.coordination, str):
+        process = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            spec.coordination,
+            cwd=directory,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        outcome.update(exit_code=process.returncode, stdout=out.decode(errors="replace"))
+        outcome["stderr"] = err.decode(errors="replace")
+        return outcome
+    import cloudpickle
+
+    def call() -> None:
+        fn = cloudpickle.loads(spec.coordination)
+        saved = dict(os.environ)
+        os.environ.update(spec.environment(index, str(directory)))
+        try:
+            fn()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, call)
+    except Exception as exc:
+        import traceback
+
+        outcome.update(exit_code=1, stdout="", stderr=traceback.format_exc(), error=repr(exc))
+    else:
+        outcome.update(exit_code=0, stdout="", stderr="")
+    return outcome
+
+
+async def launch(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+    """On the primary node: run every rank under mpiexec and collect what they left."""
+    primary = Path(directories[0])
+    output = primary / "output"
+    output.mkdir(parents=True, exist_ok=True)
+    result_path = primary / "result.pkl"
+    if spec.call is not None:
+        (primary / "call.pkl").write_bytes(spec.call)
+        program = [sys.executable, "-m", "cloudmap.node.mpi_rank"]
+        program += [str(primary / "call.pkl"), str(result_path)]
+    else:
+        assert spec.command is not None
+        program = ["/bin/sh", "-c", spec.command]
+    # Each rank records its exit status, so a failure can be pinned on a rank.
+    wrapper = f'"$@"; rc=$?; echo $rc > "{output}/exit.$PMI_RANK"; exit $rc'
+    argv = [str(mpiexec_path()), "-launcher", "fork"]
+    argv += ["-outfile-pattern", str(output / "stdout.%r")]
+    argv += ["-errfile-pattern", str(output / "stderr.%r")]
+    for index, directory in enumerate(directories):
+        if index:
+            argv.append(":")
+        argv += ["-n", str(spec.ranks_per_node), "-wdir", directory]
+        for name, value in spec.environment(index, directory).items():
+            argv += ["-env", name, value]
+        argv += ["/bin/sh", "-c", wrapper, "cloudmap.node.mpi-rank", *program]
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    _running[spec.run_id] = process
+    timed_out = False
+    try:
+        launcher_output, _ = await asyncio.wait_for(process.communicate(), spec.timeout)
+    except asyncio.TimeoutError:
+        timed_out = True
+        await _stop(process)
+        launcher_output = b""
+    finally:
+        _running.pop(spec.run_id, None)
+        if process.returncode is None:
+            await _stop(process)
+    outcome = _collect(spec, output, result_path)
+    outcome.update(
+        exit_code=process.returncode,
+        timed_out=timed_out,
+        launcher=launcher_output.decode(errors="replace")[-OUTPUT_LIMIT:],
+    )
+    return outcome
+
+
+async def stop_run(run_id: str) -> bool:
+    """Kill a run that the client gave up on (Ctrl-C); True if it was still running."""
+    process = _running.pop(run_id, None)
+    if process is None:
+        return False
+    await _stop(process)
+    return True
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """End mpiexec and every rank under it: TERM, a grace period, then KILL whatever is left
+    (ranks are found before mpiexec goes, as its children)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with contextlib.suppress(psutil.Error):
+            member.send_signal(signal.SIGTERM)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(process.wait(), KILL_GRACE)
+    for member in tree:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+    with contextlib.suppress(ProcessLookupError):
+        await process.wait()
+
+
+def _collect(spec: MpiSpec, output: Path, result_path: Path) -> dict[str, Any]:
+    stdout, stderr, exits, errors = [], [], {}, {}
+    for rank in range(spec.ranks):
+        stdout.append(_read(output / f"stdout.{rank}"))
+        text = _read(output / f"stderr.{rank}")
+        marked = [line for line in text.splitlines() if line.startswith(ERROR_MARKER)]
+        if marked:
+            errors[rank] = marked[-1][len(ERROR_MARKER) :]
+            text = "\n".join(
+                line for line in text.splitlines() if not line.startswith(ERROR_MARKER)
+            )
+        stderr.append(text)
+        code = _read(output / f"exit.{rank}").strip()
+        if re.fullmatch(r"-?\d+", code):
+            exits[rank] = int(code)
+    result = result_path.read_bytes() if result_path.exists() else None
+    return {"stdout": stdout, "stderr": stderr, "exits": exits, "errors": errors, "result": result}
+
+
+def _read(path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return ""
+    return data[-OUTPUT_LIMIT:].decode(errors="replace")
