@@ -26,6 +26,8 @@ from .mpi_rank import ERROR_MARKER
 
 #: A run's processes get this long between SIGTERM and SIGKILL when it is stopped.
 KILL_GRACE = 2.0
+#: Seconds between looks at the ranks' exit files while a run goes on.
+WATCH_INTERVAL = 0.05
 #: Most bytes of each rank's stdout and stderr sent back to the client.
 OUTPUT_LIMIT = 1 << 20
 
@@ -173,24 +175,48 @@ async def launch(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
         stderr=asyncio.subprocess.STDOUT,
     )
     _running[spec.run_id] = process
+    assert process.stdout is not None
+    reader = asyncio.ensure_future(process.stdout.read())
     timed_out = False
+    first_failure: int | None = None
     try:
-        launcher_output, _ = await asyncio.wait_for(process.communicate(), spec.timeout)
-    except asyncio.TimeoutError:
-        timed_out = True
-        await _stop(process)
-        launcher_output = b""
+        timed_out, first_failure = await _watch(process, output, spec.timeout)
+        if timed_out or first_failure is not None:
+            await _stop(process)
     finally:
         _running.pop(spec.run_id, None)
         if process.returncode is None:
             await _stop(process)
+    launcher_output = await reader
     outcome = _collect(spec, output, result_path)
     outcome.update(
-        exit_code=process.returncode,
+        exit_code=process.returncode if first_failure is None else first_failure,
         timed_out=timed_out,
         launcher=launcher_output.decode(errors="replace")[-OUTPUT_LIMIT:],
     )
     return outcome
+
+
+async def _watch(
+    process: asyncio.subprocess.Process, output: Path, timeout: float | None
+) -> tuple[bool, int | None]:
+    """Wait for mpiexec; return (timed out, exit status of a rank that failed first).
+
+    MPICH's hydra stops every rank when one calls MPI_Abort, but waits for the others when
+    one merely exits non-zero; a command-mode rank that fails must stop the run too, so
+    the ranks' exit files are watched while mpiexec runs.
+    """
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(process.wait()), WATCH_INTERVAL)
+            return False, None
+        for path in output.glob("exit.*"):
+            code = path.read_text().strip()
+            if re.fullmatch(r"-?\d+", code) and int(code) != 0:
+                return False, int(code)
+        if deadline is not None and asyncio.get_running_loop().time() > deadline:
+            return True, None
 
 
 async def stop_run(run_id: str) -> bool:
