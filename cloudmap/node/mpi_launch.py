@@ -179,14 +179,16 @@ async def launch(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
     reader = asyncio.ensure_future(process.stdout.read())
     timed_out = False
     first_failure: int | None = None
+    tree = _Tree(process.pid)
     try:
-        timed_out, first_failure = await _watch(process, output, spec.timeout)
+        timed_out, first_failure = await _watch(process, output, spec.timeout, tree)
         if timed_out or first_failure is not None:
             await _stop(process)
     finally:
         _running.pop(spec.run_id, None)
         if process.returncode is None:
             await _stop(process)
+        await tree.end()  # ranks hydra signalled may outlive mpiexec by a moment
     launcher_output = await reader
     outcome = _collect(spec, output, result_path)
     outcome.update(
@@ -197,8 +199,37 @@ async def launch(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
     return outcome
 
 
+class _Tree:
+    """Every process seen under mpiexec during a run, so that none outlives the run."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[int, Any] = {}
+
+    def look(self) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+
+    async def end(self) -> None:
+        import psutil
+
+        alive = []
+        for member in self.seen.values():
+            with contextlib.suppress(psutil.Error):
+                if member.is_running():
+                    member.kill()
+                    alive.append(member)
+        if alive:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: psutil.wait_procs(alive, timeout=5)
+            )
+
+
 async def _watch(
-    process: asyncio.subprocess.Process, output: Path, timeout: float | None
+    process: asyncio.subprocess.Process, output: Path, timeout: float | None, tree: _Tree
 ) -> tuple[bool, int | None]:
     """Wait for mpiexec; return (timed out, exit status of a rank that failed first).
 
@@ -208,6 +239,7 @@ async def _watch(
     """
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     while True:
+        tree.look()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(process.wait()), WATCH_INTERVAL)
             return False, None

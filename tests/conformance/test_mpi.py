@@ -4,6 +4,7 @@ timeouts, gang scheduling against maps and other runs, and a clear error without
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from functools import partial
@@ -20,10 +21,11 @@ pytest.importorskip("mpi4py", reason="the cloudmap[mpi] extra is installed by ma
 
 
 def _ranks_left(marker: str = "cloudmap.node.mpi") -> list[psutil.Process]:
+    """Processes of MPI runs started by this test process (not by other programs)."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if marker in " ".join(process.info["cmdline"] or []) and process.status() != "zombie":
+            if marker in " ".join(process.cmdline()) and process.status() != "zombie":
                 found.append(process)
         except psutil.Error:
             continue
@@ -173,3 +175,12 @@ def test_without_the_mpi_extra_the_error_names_it(provider: str, tmp_path: Path)
         with pytest.raises(cloudmap.MpiUnavailableError, match=r"cloudmap\[mpi\]"):
             pool.mpi(lambda comm: comm.rank)
         assert pool.map(abs, [-1]) == [1]
+
+
+def test_an_autoscaling_pool_grows_for_an_mpi_run(provider: str) -> None:
+    policy = cloudmap.Autoscale(max_nodes=2, idle_timeout=1, interval=0.2)
+    with cloudmap.Pool(provider, autoscale=policy) as pool:
+        assert pool.nodes() == []
+        assert pool.mpi(mpi_tasks.scaled_sum, 1, nodes=2, root_only=True) == 3
+        with pytest.raises(cloudmap.InputError, match="at most 2"):
+            pool.mpi(mpi_tasks.scaled_sum, 1, nodes=3)
