@@ -98,6 +98,11 @@ class GangScheduler:
             with contextlib.suppress(Exception):
                 self._cluster.undrain(node)
 
+    def lost(self, node_ids: list[str]) -> list[str]:
+        """Which of these leased nodes no longer serve (preempted, removed, dead)."""
+        nodes = {n.id: n for n in self._nodes()}
+        return [i for i in node_ids if i not in nodes or not _serving(nodes[i])]
+
     def _check_capacity(self, count: int) -> None:
         capacity = self._capacity()
         if count > capacity:

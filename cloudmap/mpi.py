@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +21,14 @@ from typing import Any
 import cloudpickle
 
 from .cluster import DaskCluster
-from .errors import InputError, MpiError, MpiTimeoutError, MpiUnavailableError, SerializationError
+from .errors import (
+    InputError,
+    MpiError,
+    MpiTimeoutError,
+    MpiUnavailableError,
+    PoolClosedError,
+    SerializationError,
+)
 from .gang import GangScheduler, Lease
 from .node.mpi_launch import MpiSpec, RunNode, coordinate, launch, stop_run
 from .progress import ProgressCounts, make_reporter
@@ -27,6 +36,10 @@ from .validation import check_int, check_positive
 
 #: Exit statuses that mean "killed because another rank failed", not "this rank failed".
 _KILLED_STATUSES = frozenset({-9, -15, 9, 15, 137, 143})
+#: Seconds between checks that the nodes of a running MPI run are still there.
+LOST_NODE_CHECK = 0.5
+#: Seconds to wait for the primary node to confirm it stopped an abandoned run.
+KILL_WAIT = 10.0
 MPI_EXTRA_HINT = "pip install 'cloudmap[mpi]' (mpi4py and the mpich wheel) where the nodes run"
 
 
@@ -72,9 +85,12 @@ class RunOptions:
 class MpiRunner:
     """Runs MPI jobs on whole nodes leased from the pool."""
 
-    def __init__(self, cluster: DaskCluster, gang: GangScheduler) -> None:
+    def __init__(
+        self, cluster: DaskCluster, gang: GangScheduler, is_closed: Callable[[], bool]
+    ) -> None:
         self._cluster = cluster
         self._gang = gang
+        self._is_closed = is_closed
 
     def run(
         self, options: RunOptions, *, call: bytes | None = None, command: str | None = None
@@ -95,15 +111,47 @@ class MpiRunner:
                 env={str(k): str(v) for k, v in (options.env or {}).items()},
             )
             directories = self._coordinate(spec)
-            primary = spec.nodes[0].worker
-            try:
-                outcome = self._cluster.run_on(primary, launch, spec, directories)
-            except BaseException:
-                self._cluster.run_on(primary, stop_run, spec.run_id)
-                raise
-            return _interpret(spec, lease, outcome)
+            return _interpret(spec, lease, self._launch(spec, directories))
+        except Exception as exc:
+            if self._is_closed():
+                raise PoolClosedError("the pool was closed while this MPI run was running") from exc
+            raise
         finally:
             self._gang.release(lease)
+
+    def _launch(self, spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+        """Run the ranks from the primary node; stop at once if a node of the run is lost
+        (preempted, removed), instead of waiting for Dask to give up on it."""
+        primary = spec.nodes[0].worker
+        threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cloudmap-mpi")
+        running = threads.submit(self._cluster.run_on, primary, launch, spec, directories)
+        threads.shutdown(wait=False)
+        ids = [node.id for node in spec.nodes]
+        lost: list[str] = []
+        try:
+            while True:
+                try:
+                    outcome: dict[str, Any] = running.result(timeout=LOST_NODE_CHECK)
+                    return outcome
+                except concurrent.futures.TimeoutError:
+                    lost = self._gang.lost(ids)
+                    if lost:
+                        raise _lost_node_error(lost[0], ids) from None
+                except Exception as exc:  # the primary's slot went away under the run
+                    lost = self._gang.lost(ids)
+                    if lost:
+                        raise _lost_node_error(lost[0], ids) from exc
+                    raise
+        except BaseException:
+            if ids[0] not in lost:  # Ctrl-C, or another node lost: stop what still runs
+                stopper = threading.Thread(target=self._stop_quietly, args=(primary, spec.run_id))
+                stopper.start()
+                stopper.join(timeout=KILL_WAIT)
+            raise
+
+    def _stop_quietly(self, primary: str, run_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self._cluster.run_on(primary, stop_run, run_id)
 
     def _coordinate(self, spec: MpiSpec) -> list[str]:
         workers = [node.worker for node in spec.nodes]
@@ -198,6 +246,14 @@ class MpiRunner:
         _, values = self.run(options, call=call)
         assert values is not None
         return values[0] if root_only else values
+
+
+def _lost_node_error(node: str, nodes: list[str]) -> MpiError:
+    return MpiError(
+        f"node {node} of the MPI run on {', '.join(nodes)} was lost (preempted, removed or "
+        "dead) while the ranks ran; every rank was stopped. Run it again.",
+        node=node,
+    )
 
 
 def _run_node(node: Any) -> RunNode:

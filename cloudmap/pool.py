@@ -145,7 +145,7 @@ class Pool:
                 capacity=_weakly(self, Pool._capacity),
                 nudge=self._scaler.nudge,
             )
-            self._mpi = MpiRunner(self._cluster, self._gang)
+            self._mpi = MpiRunner(self._cluster, self._gang, lambda: self._closed)
             self._finalizer = weakref.finalize(
                 self, _teardown, self._scaler, self.provider, self._cluster
             )

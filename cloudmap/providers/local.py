@@ -345,7 +345,18 @@ def _close_quietly(stream: Any) -> None:
 
 
 def _kill_tree(process: subprocess.Popen[bytes]) -> None:
-    """Kill the node's whole session (agent, start task, slots), then reap the agent."""
+    """Kill the node's whole process group (agent, start task, slots) and every process
+    under the agent that left the group (MPICH's hydra puts each MPI rank in a group of
+    its own), then reap the agent. A killed node leaves nothing running, as a VM would."""
+    import psutil
+
+    try:
+        strays = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        strays = []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    for stray in strays:
+        with contextlib.suppress(psutil.Error):
+            stray.kill()
     process.wait()

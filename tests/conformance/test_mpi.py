@@ -184,3 +184,21 @@ def test_an_autoscaling_pool_grows_for_an_mpi_run(provider: str) -> None:
         assert pool.mpi(mpi_tasks.scaled_sum, 1, nodes=2, root_only=True) == 3
         with pytest.raises(cloudmap.InputError, match="at most 2"):
             pool.mpi(mpi_tasks.scaled_sum, 1, nodes=3)
+
+
+def test_a_node_preempted_under_a_run_fails_it_fast_and_leaves_nothing(provider: str) -> None:
+    with cloudmap.Pool(provider, nodes=1, spot_nodes=1) as pool:
+        pool.wait_for_nodes()
+        spot = next(n.id for n in pool.nodes() if n.spot)
+        timer = threading.Timer(1.5, pool.provider.preempt, (spot,))  # type: ignore[union-attr]
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(cloudmap.MpiError, match=f"node {spot} .* was lost") as caught:
+                pool.mpi_command("sleep 60  # cloudmap-preempt-test", nodes=2, ranks_per_node=2)
+        finally:
+            timer.join()
+        assert caught.value.node == spot
+        assert time.monotonic() - started < 20
+        assert not _ranks_left("cloudmap-preempt-test"), "ranks outlived their node"
+        assert pool.map(abs, [-2]) == [2]
