@@ -22,7 +22,7 @@ This machine's speed drifts, so the work is done in rounds: each round opens
 ``Pool(nodes=2)``, waits for both nodes, runs every case once as a warm-up, then times 5
 launches of each kind and 3 runs of each bandwidth case, interleaved (the order shifted by
 one case per repeat). Medians over all rounds are reported. Run ``python
-benchmarks/mpi.py`` (3 rounds, about a minute and a half; ``--quick`` for one short round,
+benchmarks/mpi.py`` (3 rounds, under a minute on 2 cores; ``--quick`` for one short round,
 ``--json PATH`` for the raw numbers). Progress goes to stderr; stdout is the report.
 """
 

@@ -110,8 +110,8 @@ class MpiRunner:
                 timeout=options.timeout,
                 env={str(k): str(v) for k, v in (options.env or {}).items()},
             )
-            directories = self._coordinate(spec)
-            return _interpret(spec, lease, self._launch(spec, directories))
+            prepared = self._coordinate(spec)
+            return _interpret(spec, lease, self._launch(spec, prepared))
         except Exception as exc:
             if self._is_closed():
                 raise PoolClosedError("the pool was closed while this MPI run was running") from exc
@@ -119,12 +119,14 @@ class MpiRunner:
         finally:
             self._gang.release(lease)
 
-    def _launch(self, spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+    def _launch(
+        self, spec: MpiSpec, prepared: tuple[list[str], list[dict[str, str]]]
+    ) -> dict[str, Any]:
         """Run the ranks from the primary node; stop at once if a node of the run is lost
         (preempted, removed), instead of waiting for Dask to give up on it."""
         primary = spec.nodes[0].worker
         threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cloudmap-mpi")
-        running = threads.submit(self._cluster.run_on, primary, launch, spec, directories)
+        running = threads.submit(self._cluster.run_on, primary, launch, spec, *prepared)
         threads.shutdown(wait=False)
         ids = [node.id for node in spec.nodes]
         lost: list[str] = []
@@ -153,7 +155,9 @@ class MpiRunner:
         with contextlib.suppress(Exception):
             self._cluster.run_on(primary, stop_run, run_id)
 
-    def _coordinate(self, spec: MpiSpec) -> list[str]:
+    def _coordinate(self, spec: MpiSpec) -> tuple[list[str], list[dict[str, str]]]:
+        """Run the coordination step on every node; return each node's run directory and
+        the node's own variables for its ranks."""
         workers = [node.worker for node in spec.nodes]
         with concurrent.futures.ThreadPoolExecutor(len(workers)) as threads:
             outcomes = list(
@@ -174,7 +178,8 @@ class MpiRunner:
                     f"{outcome['stderr'][-2000:]}",
                     node=node.id,
                 )
-        return [str(outcome["directory"]) for outcome in outcomes]
+        directories = [str(outcome["directory"]) for outcome in outcomes]
+        return directories, [dict(outcome["node_env"]) for outcome in outcomes]
 
     def map(
         self,
@@ -237,7 +242,7 @@ class MpiRunner:
         if not callable(fn):
             raise InputError(f"pool.mpi needs a function, got {type(fn).__name__}")
         try:
-            call = cloudpickle.dumps((fn, args, kwargs))
+            call = cloudpickle.dumps((fn, args, kwargs, root_only))
         except Exception as exc:
             raise SerializationError(
                 f"the MPI function or its arguments cannot be pickled ({exc}); pass a "

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +24,10 @@ from typing import Any
 
 from .mpi_rank import ERROR_MARKER
 
-#: A run's processes get this long between SIGTERM and SIGKILL when it is stopped.
-KILL_GRACE = 2.0
 #: Seconds between looks at the ranks' exit files while a run goes on.
 WATCH_INTERVAL = 0.05
+#: Every how many of those the process tree of the run is listed again.
+TREE_LOOK_EVERY = 20
 #: Most bytes of each rank's stdout and stderr sent back to the client.
 OUTPUT_LIMIT = 1 << 20
 
@@ -90,6 +90,16 @@ def missing_mpi(python_mode: bool) -> str | None:
     return None
 
 
+def node_environment() -> dict[str, str]:
+    """What a rank on this node must see of the node: its ``CLOUDMAP_NODE_*`` and
+    ``CLOUDMAP_POOL_ID`` variables (ranks are started by the primary, whose own differ),
+    and a ``PATH`` that finds this environment's ``python``, ``mpicc`` and ``mpiexec``."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("CLOUDMAP_NODE_")}
+    env["CLOUDMAP_POOL_ID"] = os.environ.get("CLOUDMAP_POOL_ID", "")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return env
+
+
 def run_directory(run_id: str) -> Path:
     tasks = Path(os.environ.get("CLOUDMAP_NODE_TASKS_DIR", os.getcwd()))
     return tasks / f"mpi-{run_id}"
@@ -100,6 +110,7 @@ async def coordinate(spec: MpiSpec, index: int) -> dict[str, Any]:
     directory = run_directory(spec.run_id)
     directory.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {
+        "node_env": node_environment(),
         "directory": str(directory),
         "missing": missing_mpi(spec.call is not None),
     }
@@ -143,7 +154,9 @@ async def coordinate(spec: MpiSpec, index: int) -> dict[str, Any]:
     return outcome
 
 
-async def launch(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+async def launch(
+    spec: MpiSpec, directories: list[str], node_envs: list[dict[str, str]]
+) -> dict[str, Any]:
     """On the primary node: run every rank under mpiexec and collect what they left."""
     primary = Path(directories[0])
     output = primary / "output"
@@ -165,7 +178,7 @@ async def launch(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
         if index:
             argv.append(":")
         argv += ["-n", str(spec.ranks_per_node), "-wdir", directory]
-        for name, value in spec.environment(index, directory).items():
+        for name, value in {**node_envs[index], **spec.environment(index, directory)}.items():
             argv += ["-env", name, value]
         argv += ["/bin/sh", "-c", wrapper, "cloudmap.node.mpi-rank", *program]
     process = await asyncio.create_subprocess_exec(
@@ -216,16 +229,26 @@ class _Tree:
     async def end(self) -> None:
         import psutil
 
-        alive = []
         for member in self.seen.values():
             with contextlib.suppress(psutil.Error):
                 if member.is_running():
                     member.kill()
-                    alive.append(member)
-        if alive:
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: psutil.wait_procs(alive, timeout=5)
-            )
+        # Killed ranks are not this process's children, and end as zombies until their
+        # new parent reaps them: wait until none is still running (a bounded wait).
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while any(_running_process(m) for m in self.seen.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+
+
+def _running_process(process: Any) -> bool:
+    import psutil
+
+    try:
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 async def _watch(
@@ -238,8 +261,11 @@ async def _watch(
     the ranks' exit files are watched while mpiexec runs.
     """
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-    while True:
-        tree.look()
+    for look in itertools.count():
+        # Listing the process tree scans /proc: early (the ranks have just started), then
+        # once a second, which is enough to know every rank of a long run.
+        if look in (2, 6) or look % TREE_LOOK_EVERY == 0:
+            tree.look()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(process.wait()), WATCH_INTERVAL)
             return False, None
@@ -249,6 +275,7 @@ async def _watch(
                 return False, int(code)
         if deadline is not None and asyncio.get_running_loop().time() > deadline:
             return True, None
+    raise AssertionError("unreachable")
 
 
 async def stop_run(run_id: str) -> bool:
@@ -261,22 +288,14 @@ async def stop_run(run_id: str) -> bool:
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
-    """End mpiexec and every rank under it: TERM, a grace period, then KILL whatever is left
-    (ranks are found before mpiexec goes, as its children)."""
-    import psutil
-
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for member in tree:
-        with contextlib.suppress(psutil.Error):
-            member.send_signal(signal.SIGTERM)
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(process.wait(), KILL_GRACE)
-    for member in tree:
-        with contextlib.suppress(psutil.Error):
-            member.kill()
+    """Kill mpiexec and every rank under it at once (ranks are found first, as its
+    descendants): a run is stopped because it failed, timed out or was abandoned, and its
+    ranks' work is lost either way."""
+    tree = _Tree(process.pid)
+    tree.look()
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await tree.end()
     with contextlib.suppress(ProcessLookupError):
         await process.wait()
 

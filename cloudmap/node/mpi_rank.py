@@ -1,8 +1,9 @@
 """One rank of a Python-mode MPI run: ``python -m cloudmap.node.mpi_rank CALL RESULT``.
 
-Rank 0 reads the pickled call (function, args, kwargs) and broadcasts it, so that only the
-primary node needs the file; every rank calls ``fn(COMM_WORLD, *args, **kwargs)``; rank 0
-gathers the return values and writes them, pickled, to RESULT. A rank whose function
+Rank 0 reads the pickled call (function, args, kwargs, root_only) and broadcasts it, so that
+only the primary node needs the file; every rank calls ``fn(COMM_WORLD, *args, **kwargs)``;
+rank 0 gathers the return values (or keeps its own, with root_only) and writes them,
+pickled, to RESULT. A rank whose function
 raises writes a marked line with its pickled error to its stderr (which the launcher
 collects on the primary node, whatever the topology) and aborts the whole run.
 """
@@ -30,9 +31,12 @@ def main(call_path: str, result_path: str) -> int:
                 blob = file.read()
         else:
             blob = None
-        fn, args, kwargs = cloudpickle.loads(comm.bcast(blob, root=0))
+        fn, args, kwargs, root_only = cloudpickle.loads(comm.bcast(blob, root=0))
         value = fn(comm, *args, **kwargs)
-        values = comm.gather(cloudpickle.dumps(value), root=0)
+        if root_only:  # only rank 0's value is wanted: nothing to gather
+            values = [cloudpickle.dumps(value)] if comm.rank == 0 else None
+        else:
+            values = comm.gather(cloudpickle.dumps(value), root=0)
     except BaseException as exc:
         _report(exc)
         comm.Abort(1)

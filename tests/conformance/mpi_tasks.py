@@ -14,6 +14,7 @@ def allreduce_and_environment(comm: Any, offset: int) -> dict[str, Any]:
         "CLOUDMAP_MASTER_NODE",
         "CLOUDMAP_IS_MASTER",
         "CLOUDMAP_TASK_SHARED_DIR",
+        "CLOUDMAP_NODE_ID",
     ]
     shared = os.environ["CLOUDMAP_TASK_SHARED_DIR"]
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import time
 from functools import partial
@@ -51,6 +52,9 @@ def test_two_nodes_by_two_ranks_allreduce_with_batch_environment(pool: cloudmap.
         assert env["CLOUDMAP_MASTER_NODE"] == "127.0.0.1"
         assert env["CLOUDMAP_IS_MASTER"] == ("true" if v["rank"] < 2 else "false")
         assert v["cwd"] == env["CLOUDMAP_TASK_SHARED_DIR"]
+        own_node = env["CLOUDMAP_NODE_LIST"].split(",")[v["rank"] // 2]
+        assert env["CLOUDMAP_NODE_ID"] == own_node, "a rank sees another node's variables"
+        assert f"/{own_node}/" in v["cwd"]
     assert values[0]["cwd"] != values[2]["cwd"], "ranks of both nodes ran in one directory"
     root = pool.mpi(mpi_tasks.scaled_sum, 2, nodes=2, ranks_per_node=2, root_only=True)
     assert root == 2 * (1 + 2 + 3 + 4)
@@ -72,6 +76,8 @@ def test_command_mode_returns_output_and_names_a_failing_rank(pool: cloudmap.Poo
     result = pool.mpi_command('echo "rank $PMI_RANK"', nodes=2, ranks_per_node=2)
     assert result.exit_code == 0
     assert result.stdout == [f"rank {r}\n" for r in range(4)]
+    found = pool.mpi_command("command -v python", nodes=1).stdout[0].strip()
+    assert found == str(Path(sys.executable).parent / "python"), "PATH misses the venv"
     failing = 'if [ "$PMI_RANK" = 2 ]; then echo "no input" >&2; exit 7; fi; sleep 10'
     with pytest.raises(cloudmap.MpiError) as caught:
         pool.mpi_command(failing, nodes=2, ranks_per_node=2)
