@@ -52,3 +52,10 @@ def node_span(x: int, seconds: float) -> tuple[str, float, float]:
     began = time.time()
     time.sleep(seconds)
     return os.environ["CLOUDMAP_NODE_ID"], began, time.time()
+
+
+def mark_coordinated() -> None:
+    """A Python coordination step: leaves a file where the node's ranks will look."""
+    shared = os.environ["CLOUDMAP_TASK_SHARED_DIR"]
+    with open(os.path.join(shared, "coordinated"), "w") as file:
+        file.write(os.environ["CLOUDMAP_IS_MASTER"])

@@ -208,3 +208,20 @@ def test_a_node_preempted_under_a_run_fails_it_fast_and_leaves_nothing(provider:
         assert time.monotonic() - started < 20
         assert not _ranks_left("cloudmap-preempt-test"), "ranks outlived their node"
         assert pool.map(abs, [-2]) == [2]
+
+
+def test_a_python_coordination_step_runs_on_every_node_and_a_failing_one_stops_the_run(
+    pool: cloudmap.Pool,
+) -> None:
+    values = pool.mpi(
+        mpi_tasks.allreduce_and_environment,
+        0,
+        nodes=2,
+        ranks_per_node=1,
+        coordination=mpi_tasks.mark_coordinated,
+    )
+    assert [v["coordinated"] for v in values] == [True, True]
+    with pytest.raises(cloudmap.MpiError, match="coordination step failed") as caught:
+        pool.mpi(mpi_tasks.scaled_sum, 1, nodes=2, coordination="echo broken >&2; exit 4")
+    assert "broken" in str(caught.value) and caught.value.rank is None
+    assert pool.mpi(mpi_tasks.scaled_sum, 1, nodes=2, root_only=True) == 3
