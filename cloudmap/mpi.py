@@ -205,10 +205,12 @@ class MpiRunner:
                     threads.submit(self.call, fn, (param,), {}, options, root_only): index
                     for index, param in enumerate(params)
                 }
-                counts.in_flight = len(futures)
+                remaining = len(futures)
+                counts.in_flight = min(remaining, runs_at_once)
                 for future in concurrent.futures.as_completed(futures):
                     index = futures[future]
-                    counts.in_flight -= 1
+                    remaining -= 1
+                    counts.in_flight = min(remaining, runs_at_once)
                     try:
                         results[index] = future.result()
                         counts.done += 1
