@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,bench,mpi]"
+	$(BIN)/pip install --quiet -e ".[test,bench,mpi,storage]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -25,7 +25,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# Azurite (the Azure Storage emulator) for the storage tests, pinned in package-lock.json.
+NODE_STAMP := node_modules/.installed-$(shell cat package-lock.json | sha1sum | cut -c1-12)
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	rm -f node_modules/.installed-* && touch $@
+
+unit: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Pool": "cloudmap.pool",
+    "Output": "cloudmap.staging",
+    "CommandResult": "cloudmap.commands",
+    "CommandError": "cloudmap.errors",
+    "StagingError": "cloudmap.errors",
     "MpiResult": "cloudmap.mpi",
     "MpiError": "cloudmap.errors",
     "MpiTimeoutError": "cloudmap.errors",
@@ -47,6 +51,8 @@ _EXPORTS = {
 __all__ = [
     "Autoscale",
     "CloudmapError",
+    "CommandError",
+    "CommandResult",
     "Eviction",
     "Future",
     "InputError",
@@ -57,6 +63,7 @@ __all__ = [
     "NoNodesError",
     "NodeInfo",
     "NodeState",
+    "Output",
     "Pool",
     "PoolClosedError",
     "PoolExecutor",
@@ -66,6 +73,7 @@ __all__ = [
     "RemoteException",
     "ScalingSample",
     "SerializationError",
+    "StagingError",
     "StartTaskInfo",
     "TaskError",
     "TaskTimeoutError",
@@ -76,8 +84,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .autoscale import Autoscale
+    from .commands import CommandResult
     from .errors import (
         CloudmapError,
+        CommandError,
         InputError,
         MpiError,
         MpiTimeoutError,
@@ -87,6 +97,7 @@ if TYPE_CHECKING:
         PoolStartError,
         RemoteException,
         SerializationError,
+        StagingError,
         TaskError,
         TaskTimeoutError,
         UnknownProviderError,
@@ -100,6 +111,7 @@ if TYPE_CHECKING:
     from .providers.eviction import Eviction
     from .scaling import ScalingSample
     from .seeding import item_rng
+    from .staging import Output
 
 
 def __getattr__(name: str) -> Any:

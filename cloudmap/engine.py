@@ -16,7 +16,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -45,6 +45,7 @@ from .payload import (
 )
 from .progress import ProgressCounts, make_reporter
 from .seeding import check_accepts_rng, check_seed
+from .staging import as_inputs, as_outputs
 from .validation import check_int, check_positive
 
 ON_ERROR_CHOICES = ("raise", "return", "skip")
@@ -67,6 +68,9 @@ class MapOptions:
     timeout: float | None = None
     on_error: str = "raise"
     progress: Any = None
+    inputs: Any = None
+    outputs: Any = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials
 
     def checked(self, fn: Callable[..., Any]) -> MapOptions:
         """Validate every option before any work is sent; return them normalised."""
@@ -82,7 +86,14 @@ class MapOptions:
         if self.on_error not in ON_ERROR_CHOICES:
             choices = ", ".join(map(repr, ON_ERROR_CHOICES))
             raise InputError(f"on_error={self.on_error!r} is not one of {choices}")
-        return replace(self, seed=seed)
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise InputError(
+                f"storage_options={self.storage_options!r} is not valid: pass a dict of fsspec "
+                "options (for example connection_string=...)"
+            )
+        return replace(
+            self, seed=seed, inputs=as_inputs(self.inputs), outputs=as_outputs(self.outputs)
+        )
 
 
 class _Skipped:

@@ -185,3 +185,19 @@ class MpiError(CloudmapError):
 
 class MpiTimeoutError(MpiError, TimeoutError):
     """An MPI run took longer than its ``timeout=``; every rank was killed."""
+
+
+class StagingError(RuntimeError):
+    """An item's input could not be downloaded or its output uploaded; names item and URL."""
+
+
+class CommandError(RuntimeError):
+    """A command-line task (``pool.run``) exited non-zero; carries the end of its stderr."""
+
+    def __init__(self, message: str, exit_code: int = 1, stderr: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stderr = stderr
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CommandError, (str(self), self.exit_code, self.stderr))

@@ -12,13 +12,15 @@ import dataclasses
 import os
 import threading
 import time
+import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from .autoscale import Autoscale
 from .cluster import DaskCluster
+from .commands import CommandTask, check_command
 from .engine import SKIPPED, MapEngine, MapOptions
 from .errors import (
     InputError,
@@ -37,6 +39,7 @@ from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
 from .providers import PoolSpec, Provider, get_provider
 from .providers.base import NodeEvents, StartTask
 from .scaling import Scaler, ScalingSample
+from .staging import Output, StagedCall, as_inputs, as_outputs
 from .validation import check_int, check_positive
 
 _READY = (NodeState.IDLE, NodeState.RUNNING)
@@ -427,6 +430,57 @@ class Pool:
         blob = dump_items_batch(Batch(CALL_ARGS, None, None, range(1), [item]))
         return Future(self._cluster, fn_blob, blob, item)
 
+    def node(self, node_id: str) -> NodeFiles:
+        """One node's files: ``pool.node("node-0").read_file("startup/stdout.txt")``."""
+        if node_id not in {n.id for n in self._provider().list_nodes()}:
+            raise InputError(f"there is no node {node_id!r} in this pool; see pool.nodes()")
+        return NodeFiles(self._provider(), node_id)
+
+    def run(
+        self,
+        command: str,
+        items: Iterable[Any],
+        *,
+        inputs: str | Sequence[str] | None = None,
+        outputs: str | Output | Sequence[str | Output] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+    ) -> list[Any]:
+        """Run a shell command once per item; return one :class:`~cloudmap.CommandResult`
+        per item, in order.
+
+        ``{item}`` and ``{index}`` in the command are the item and its position, ``{input}``
+        and ``{output}`` the local paths of the item's first input and output file
+        (``{inputs}``, ``{outputs}``: all of them), quoted for the shell::
+
+            pool.run("tr a-z A-Z < {input} > {output}", ["a", "b"],
+                     inputs="file:///data/in/{item}.txt",
+                     outputs="file:///data/out/{item}.txt")
+
+        Each item runs in a fresh working directory holding its inputs, with stdout and
+        stderr kept there as ``stdout.txt`` and ``stderr.txt``; ``{output}`` paths are in
+        its ``outputs/`` subdirectory, so an output may share an input's file name. A
+        non-zero exit fails the item with a :class:`~cloudmap.TaskError` whose exception is a
+        :class:`~cloudmap.CommandError` carrying the end of stderr. The other options are
+        those of :meth:`map`.
+        """
+        task = CommandTask(
+            check_command(
+                command,
+                has_inputs=bool(as_inputs(inputs)),
+                has_outputs=bool(as_outputs(outputs)),
+            )
+        )
+        options = MapOptions(
+            None, None, retries, timeout, on_error, progress, inputs, outputs, storage_options
+        )
+        return self._map_all(
+            task, (items,), options, label="run", staged=True, outputs_dir="outputs"
+        )
+
     def map(
         self,
         fn: Callable[..., Any],
@@ -437,6 +491,9 @@ class Pool:
         timeout: float | None = None,
         on_error: str = "raise",
         progress: Any = None,
+        inputs: str | Sequence[str] | None = None,
+        outputs: str | Output | Sequence[str | Output] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> list[Any]:
         """Call ``fn`` once per item (or per tuple of items from several iterables).
 
@@ -457,12 +514,52 @@ class Pool:
             the list, or leave it out.
         progress : bool or reporter, optional
             A progress bar; by default shown when there is a terminal or a notebook.
+        inputs, outputs : str, cloudmap.Output or a list of them, optional
+            Files in storage (any fsspec URL: ``file://``, ``abfs://``...), as templates
+            filled per item with ``{item}`` and ``{index}``. Inputs are downloaded into a
+            fresh working directory for each attempt, where ``fn`` runs; outputs are the
+            files named by the URLs' last component, uploaded after the call (on success by
+            default; ``cloudmap.Output(url, on="failure" | "always")``).
+        storage_options : dict, optional
+            Passed to fsspec for every URL (for Azure Blob: ``connection_string=`` or
+            ``account_name=`` and ``credential=``); sent to the nodes inside the pickled
+            task, never shown.
 
         >>> pool.map(lambda x, y: x + y, [1, 2], [10, 20])    # doctest: +SKIP
         [11, 22]
         """
-        options = MapOptions(seed, batch_size, retries, timeout, on_error, progress)
-        engine = self._engine(fn, iterables, options, ordered=True, label="map")
+        options = MapOptions(
+            seed,
+            batch_size,
+            retries,
+            timeout,
+            on_error,
+            progress,
+            inputs,
+            outputs,
+            storage_options,
+        )
+        return self._map_all(fn, iterables, options, label="map")
+
+    def _map_all(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        options: MapOptions,
+        *,
+        label: str,
+        staged: bool = False,
+        outputs_dir: str = "",
+    ) -> list[Any]:
+        engine = self._engine(
+            fn,
+            iterables,
+            options,
+            ordered=True,
+            label=label,
+            staged=staged,
+            outputs_dir=outputs_dir,
+        )
         results: list[Any] = []
         try:
             engine.start()
@@ -473,7 +570,7 @@ class Pool:
             done = {i: v for i, v in enumerate(results) if v is not SKIPPED}
             exc.results = {**done, **exc.results}
             raise
-        if on_error == "skip":
+        if options.on_error == "skip":
             results = [value for value in results if value is not SKIPPED]
         return results
 
@@ -488,6 +585,9 @@ class Pool:
         timeout: float | None = None,
         on_error: str = "raise",
         progress: Any = None,
+        inputs: str | Sequence[str] | None = None,
+        outputs: str | Output | Sequence[str | Output] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> Iterator[Any]:
         """Like :meth:`map`, but yield results as they come, holding a bounded window.
 
@@ -495,7 +595,17 @@ class Pool:
         are in flight or buffered at a time. ``ordered=False`` yields in completion order.
         Work starts at the call; stopping the iteration cancels what is still queued.
         """
-        options = MapOptions(seed, batch_size, retries, timeout, on_error, progress)
+        options = MapOptions(
+            seed,
+            batch_size,
+            retries,
+            timeout,
+            on_error,
+            progress,
+            inputs,
+            outputs,
+            storage_options,
+        )
         return self._imap(fn, iterables, options, ordered=ordered)
 
     def _imap(
@@ -525,13 +635,26 @@ class Pool:
         *,
         ordered: bool,
         label: str,
+        staged: bool = False,
+        outputs_dir: str = "",
     ) -> MapEngine:
         self._slots()
+        options = options.checked(fn)
+        if staged or options.inputs or options.outputs:
+            fn = StagedCall(
+                fn,
+                star=len(iterables) > 1,
+                inputs=options.inputs,
+                outputs=options.outputs,
+                job=f"{label}-{uuid.uuid4().hex[:8]}",
+                storage_options=dict(options.storage_options or {}),
+                outputs_dir=outputs_dir,
+            )
         engine = MapEngine(
             self._cluster,
             fn,
             iterables,
-            options.checked(fn),
+            options,
             slots=self._slots,
             is_closed=lambda: self._closed,
             ordered=ordered,
@@ -663,6 +786,23 @@ def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:
         for value in values:
             if value is not SKIPPED:
                 yield value
+
+
+class NodeFiles:
+    """Files of one node, read through its provider (``pool.node(node_id)``)."""
+
+    def __init__(self, provider: Provider, node_id: str) -> None:
+        self._provider = provider
+        self.id = node_id
+
+    def read_file(self, path: str, *, binary: bool = False) -> Any:
+        """A file under the node's root directory, e.g. ``"startup/stdout.txt"`` or a task's
+        ``"tasks/run-.../item-0-.../stderr.txt"`` (text unless ``binary=True``)."""
+        data = self._provider.read_file(self.id, path)
+        return data if binary else data.decode(errors="replace")
+
+    def __repr__(self) -> str:
+        return f"<cloudmap node {self.id}>"
 
 
 def _check_spot(provider_class: type[Provider], fix: str) -> None:

@@ -85,7 +85,8 @@ def _call_items(
     count = len(items)
     values: list[Any] = []
     errors: dict[int, RemoteError] = {}
-    if batch.call == CALL_ONE and batch.seed is None and batch.timeout is None:
+    indexed = getattr(fn, "needs_index", False)
+    if batch.call == CALL_ONE and batch.seed is None and batch.timeout is None and not indexed:
         # Fast path for tiny functions: no per-item bookkeeping. On the first exception,
         # record it and let the careful loop below carry on after that item, so that no
         # item is ever called twice.
@@ -110,6 +111,7 @@ def _call_items(
             if context.cancelled():
                 return values, errors, position
         item = items[position]
+        _state.index = batch.indices[position]
         kwargs: dict[str, Any] = {}
         if rng_for is not None:
             kwargs["rng"] = rng_for(batch.indices[position])
@@ -129,6 +131,20 @@ def _call_items(
             if watchdog is not None:
                 watchdog.disarm()
     return values, errors, count
+
+
+class _SlotState:
+    """What the slot is doing now, for code that runs inside an item's call."""
+
+    index: int = -1
+
+
+_state = _SlotState()
+
+
+def current_index() -> int:
+    """The input index of the item being called in this slot (``{index}`` in templates)."""
+    return _state.index
 
 
 async def exit_slot() -> None:

@@ -99,6 +99,11 @@ class Provider(abc.ABC):
     def close(self) -> None:
         """Remove every node and free every resource; idempotent."""
 
+    def read_file(self, node_id: str, path: str) -> bytes:
+        """A file from a node's directory tree (``path`` relative to its root), as Batch's
+        "get file from compute node"; providers that can reach their nodes' disks override."""
+        raise NotImplementedError(f"the {self.name!r} provider cannot read files from nodes")
+
     def describe(self) -> str:
         """A short human description for reprs, e.g. ``local processes``."""
         return self.name

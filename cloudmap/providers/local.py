@@ -307,6 +307,20 @@ class LocalProvider(Provider):
         if not self.keep_files:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def read_file(self, node_id: str, path: str) -> bytes:
+        with self._lock:
+            node = self._nodes.get(node_id)
+        if node is None:
+            raise InputError(f"there is no node {node_id!r} in this pool; see pool.nodes()")
+        root = node.layout.root.resolve()
+        target = (root / path).resolve()
+        if root not in target.parents:
+            raise InputError(f"{path!r} is outside the node's directory; pass a path inside it")
+        try:
+            return target.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"{node_id} has no file {path!r} (under {root})") from None
+
     def node_root(self, node_id: str) -> Path:
         """The node's directory on this machine (``CLOUDMAP_NODE_ROOT_DIR``)."""
         with self._lock:

@@ -112,3 +112,27 @@ def sleep_span(x: int, seconds: float) -> tuple[float, float]:
     began = time.time()
     time.sleep(seconds)
     return began, time.time()
+
+
+def shout(name: str) -> int:
+    """Reads ``<name>.txt`` and the shared ``common.txt``; writes ``<name>.out`` in upper case."""
+    text = Path(f"{name}.txt").read_text() + Path("common.txt").read_text()
+    Path(f"{name}.out").write_text(text.upper())
+    return len(text)
+
+
+def fail_with_log(name: str) -> None:
+    Path("log.txt").write_text(f"{name} went wrong\n")
+    raise RuntimeError(f"{name} failed")
+
+
+def dirty_then_clean(name: str, directory: str) -> str:
+    """Fails its first attempt after leaving a file behind; a retry must not find it."""
+    if Path("leftover").exists():
+        raise AssertionError("the retry ran in the failed attempt's directory")
+    Path("leftover").write_text("x")
+    marker = Path(directory) / f"{name}.tried"
+    if not marker.exists():
+        marker.write_text("1")
+        raise RuntimeError("first attempt fails")
+    return os.getcwd()
