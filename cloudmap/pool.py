@@ -33,6 +33,7 @@ from .errors import (
 )
 from .futures import Future, PoolExecutor
 from .gang import GangScheduler
+from .jobs import Job, JobStep, JobSteps, release_node
 from .mpi import MpiResult, MpiRunner, RunOptions
 from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
 from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
@@ -467,19 +468,53 @@ class Pool:
         :class:`~cloudmap.CommandError` carrying the end of stderr. The other options are
         those of :meth:`map`.
         """
-        task = CommandTask(
-            check_command(
-                command,
-                has_inputs=bool(as_inputs(inputs)),
-                has_outputs=bool(as_outputs(outputs)),
-            )
-        )
         options = MapOptions(
             None, None, retries, timeout, on_error, progress, inputs, outputs, storage_options
         )
-        return self._map_all(
-            task, (items,), options, label="run", staged=True, outputs_dir="outputs"
+        return self._run(command, items, options, job=None)
+
+    def _run(
+        self, command: str, items: Iterable[Any], options: MapOptions, *, job: Job | None
+    ) -> list[Any]:
+        task = CommandTask(
+            check_command(
+                command,
+                has_inputs=bool(as_inputs(options.inputs)),
+                has_outputs=bool(as_outputs(options.outputs)),
+            )
         )
+        return self._map_all(
+            task, (items,), options, label="run", staged=True, outputs_dir="outputs", job=job
+        )
+
+    def job(self, prepare: JobStep = None, release: JobStep = None) -> Job:
+        """A job whose ``prepare`` (shell command or callable) runs once on each node before
+        that node's first task of the job, and whose ``release`` runs on every node that was
+        prepared when the job ends, failure included::
+
+            with pool.job(prepare="tar xf $CLOUDMAP_NODE_SHARED_DIR/app.tar",
+                          release="rm -rf scratch") as job:
+                results = job.map(simulate, cases)
+
+        Both run in the node's job directory (``CLOUDMAP_JOB_DIR``). A failed preparation
+        fails the job's tasks on that node with ``JobPreparationError``.
+        """
+        self._provider()
+        return Job(self, prepare, release)
+
+    def _release_job(self, steps: JobSteps) -> dict[str, str]:
+        """Run a job's release on every node with a connected slot; failures by node."""
+        failures: dict[str, str] = {}
+        for node in self.nodes():
+            if not node.workers:
+                continue
+            try:
+                error = self._cluster.run_on(node.workers[0], release_node, steps)
+            except Exception:  # the node went away meanwhile: nothing left to release
+                continue
+            if error:
+                failures[node.id] = str(error)
+        return failures
 
     def map(
         self,
@@ -550,6 +585,7 @@ class Pool:
         label: str,
         staged: bool = False,
         outputs_dir: str = "",
+        job: Job | None = None,
     ) -> list[Any]:
         engine = self._engine(
             fn,
@@ -559,6 +595,7 @@ class Pool:
             label=label,
             staged=staged,
             outputs_dir=outputs_dir,
+            job=job,
         )
         results: list[Any] = []
         try:
@@ -616,9 +653,10 @@ class Pool:
         *,
         ordered: bool,
         deadline: float | None = None,
+        job: Job | None = None,
     ) -> Iterator[Any]:
         label = "imap" if ordered else "imap-unordered"
-        engine = self._engine(fn, iterables, options, ordered=ordered, label=label)
+        engine = self._engine(fn, iterables, options, ordered=ordered, label=label, job=job)
         engine.start()
         return _values(engine, deadline)
 
@@ -637,9 +675,12 @@ class Pool:
         label: str,
         staged: bool = False,
         outputs_dir: str = "",
+        job: Job | None = None,
     ) -> MapEngine:
         self._slots()
         options = options.checked(fn)
+        if job is not None:
+            fn = job.wrap(fn)
         if staged or options.inputs or options.outputs:
             fn = StagedCall(
                 fn,

@@ -136,3 +136,11 @@ def dirty_then_clean(name: str, directory: str) -> str:
         marker.write_text("1")
         raise RuntimeError("first attempt fails")
     return os.getcwd()
+
+
+def job_node(x: int) -> str:
+    """A job's task: checks that the job's preparation ran on this node first."""
+    prepared = Path(os.environ["CLOUDMAP_NODE_SHARED_DIR"], "jobs")
+    assert any((job / "prepared").exists() for job in prepared.iterdir()), "not prepared"
+    time.sleep(0.01)
+    return os.environ["CLOUDMAP_NODE_ID"]
