@@ -73,6 +73,16 @@ class Pool:
         Seconds after which a start task is killed and its node marked ``start_failed``.
     env : dict, optional
         Environment variables for start tasks and slots.
+    resource_files : list, optional
+        Files every node downloads into its shared directory (``CLOUDMAP_NODE_SHARED_DIR``)
+        as it starts, before the start task: fsspec URLs (kept under their file name) or
+        ``(url, path)`` pairs, as Batch's resource files.
+    packages : list of str, optional
+        pip requirements installed on every node as it starts (into the node's own
+        ``packages`` directory, first on the slots' import path). A failure leaves the
+        node ``start_failed`` with pip's output.
+    storage_options : dict, optional
+        fsspec options (credentials) for ``resource_files``; never shown.
     start_timeout : float
         Seconds to wait for the first node; then the pool is torn down and
         :class:`~cloudmap.PoolStartError` raised.
@@ -98,6 +108,9 @@ class Pool:
         start_task: StartTask = None,
         start_task_timeout: float | None = None,
         env: dict[str, str] | None = None,
+        resource_files: Sequence[str | tuple[str, str]] = (),
+        packages: Sequence[str] = (),
+        storage_options: dict[str, Any] | None = None,
         start_timeout: float = START_TIMEOUT,
         **provider_options: Any,
     ) -> None:
@@ -122,7 +135,15 @@ class Pool:
         if autoscale and autoscale.spot:
             _check_spot(provider_class, "pass Autoscale(spot=False)")
         self.spec = PoolSpec(
-            nodes, slots_per_node, start_task, start_task_timeout, env, spot_nodes=spot_nodes
+            nodes,
+            slots_per_node,
+            start_task,
+            start_task_timeout,
+            env,
+            spot_nodes=spot_nodes,
+            resource_files=_resource_files(resource_files),
+            packages=_packages(packages),
+            storage_options=_storage_options(storage_options),
         )
         self._closed = False
         self._close_lock = threading.Lock()
@@ -844,6 +865,41 @@ class NodeFiles:
 
     def __repr__(self) -> str:
         return f"<cloudmap node {self.id}>"
+
+
+def _resource_files(files: Sequence[str | tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for entry in [files] if isinstance(files, str) else files:
+        pair = (entry, "") if isinstance(entry, str) else entry
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(part, str) for part in pair)
+            and pair[0]
+        ):
+            raise InputError(
+                f"resource_files entry {entry!r} is not valid: pass URLs, or (url, path) pairs"
+            )
+        url, path = pair
+        path = path or url.rstrip("/").rsplit("/", 1)[-1]
+        if path.startswith("/") or ".." in path.split("/"):
+            raise InputError(f"resource file path {path!r} must stay inside the shared directory")
+        pairs.append((url, path))
+    return tuple(pairs)
+
+
+def _packages(packages: Sequence[str]) -> tuple[str, ...]:
+    listed = [packages] if isinstance(packages, str) else list(packages)
+    for package in listed:
+        if not isinstance(package, str) or not package.strip():
+            raise InputError(f"packages entry {package!r} is not a pip requirement string")
+    return tuple(listed)
+
+
+def _storage_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    if options is not None and not isinstance(options, dict):
+        raise InputError("storage_options must be a dict of fsspec options")
+    return dict(options or {})
 
 
 def _check_spot(provider_class: type[Provider], fix: str) -> None:

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..nodes import slot_name
+from . import provision
 from .layout import CONFIG_FILE, NodeLayout
 from .slot import JOINED_MARKER
 
@@ -41,12 +42,17 @@ class NodeConfig:
     env: dict[str, str]
     start_task: list[str] | None = None
     start_task_timeout: float | None = None
+    resource_files: list[list[str]] = field(default_factory=list)  # [url, path in shared/]
+    packages: list[str] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # may hold credentials
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
         return cls(**json.loads(path.read_text()))
 
     def dump(self, path: Path) -> None:
+        # Storage credentials may be in here: only the node's user may read it.
+        path.touch(mode=0o600)
         path.write_text(json.dumps(self.__dict__))
 
 
@@ -72,6 +78,11 @@ class NodeAgent:
         threading.Thread(target=self._watch_stdin, daemon=True).start()
         self.layout.make()
         self.layout.write_state("starting")
+        if self.config.resource_files or self.config.packages:
+            exit_code = self._set_up()
+            if exit_code != 0:
+                self.layout.write_state("start_failed", start_task_exit_code=exit_code)
+                return 3
         if self.config.start_task is not None:
             exit_code = self._run_start_task(self.config.start_task)
             if exit_code != 0:
@@ -85,6 +96,25 @@ class NodeAgent:
         state = self._supervise()
         self._stop_slots()
         return 0 if state == "leaving" else 4
+
+    def _set_up(self) -> int:
+        """Resource files and packages (cloudmap.node.provision); the log goes where the start
+        task's output is shown, so a failure reads like a failed start task."""
+        code, log = provision.install(
+            self.layout,
+            self.config.resource_files,
+            self.config.packages,
+            self.config.storage_options,
+            self.env,
+        )
+        (self.layout.startup / "setup.txt").write_text(log)
+        if code != 0:
+            (self.layout.startup / "stderr.txt").write_text(log)
+        if self.config.packages:
+            target = str(provision.package_directory(self.layout))
+            paths = [target, self.env.get("PYTHONPATH", "")]
+            self.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        return code
 
     def _watch_stdin(self) -> None:
         """The provider holds our stdin open; EOF means it is gone or wants us to stop."""

@@ -33,6 +33,11 @@ class PoolSpec:
     start_task_timeout: float | None = None
     env: dict[str, str] = field(default_factory=dict)
     spot_nodes: int = 0
+    #: (url, path under the node's shared directory) pairs, downloaded as a node starts.
+    resource_files: tuple[tuple[str, str], ...] = ()
+    #: pip requirements installed on each node as it starts.
+    packages: tuple[str, ...] = ()
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class NodeEvents:

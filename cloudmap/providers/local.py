@@ -152,6 +152,9 @@ class LocalProvider(Provider):
             env=dict(self.spec.env),
             start_task=self._start_task_argv,
             start_task_timeout=self.spec.start_task_timeout,
+            resource_files=[list(pair) for pair in self.spec.resource_files],
+            packages=list(self.spec.packages),
+            storage_options=dict(self.spec.storage_options),
         ).dump(layout.root / CONFIG_FILE)
         with (layout.root / "agent.log").open("ab") as log:  # a restored node appends
             process = subprocess.Popen(
@@ -182,7 +185,10 @@ class LocalProvider(Provider):
         elif exited and state not in ("start_failed", "leaving"):
             state = "unusable"
         start_task = None
-        if self._start_task_argv is not None and state != "creating":
+        prepares = (
+            self._start_task_argv is not None or self.spec.resource_files or self.spec.packages
+        )
+        if prepares and state != "creating":
             stdout, stderr = node.layout.read_start_task_output()
             start_task = StartTaskInfo(record.get("start_task_exit_code"), stdout, stderr)
         return ProviderNode(

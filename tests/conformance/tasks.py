@@ -144,3 +144,13 @@ def job_node(x: int) -> str:
     assert any((job / "prepared").exists() for job in prepared.iterdir()), "not prepared"
     time.sleep(0.01)
     return os.environ["CLOUDMAP_NODE_ID"]
+
+
+def read_resource(name: str) -> str:
+    return (Path(os.environ["CLOUDMAP_NODE_SHARED_DIR"]) / name).read_text()
+
+
+def use_package(x: int) -> str:
+    import cloudmap_demo_package  # installed on the node by Pool(packages=...)
+
+    return str(cloudmap_demo_package.greet(x))
