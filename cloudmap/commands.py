@@ -87,7 +87,13 @@ class CommandTask:
         out_path, err_path = files.directory / "stdout.txt", files.directory / "stderr.txt"
         with out_path.open("wb") as out, err_path.open("wb") as err:
             exit_code = subprocess.run(
-                line, shell=True, cwd=files.directory, stdout=out, stderr=err, check=False
+                line,
+                shell=True,
+                cwd=files.directory,
+                stdout=out,
+                stderr=err,
+                check=False,
+                preexec_fn=_die_with_parent,
             ).returncode
         stderr = _tail(err_path)
         if exit_code != 0:
@@ -106,6 +112,17 @@ class CommandTask:
             stdout=_tail(out_path),
             stderr=stderr,
         )
+
+
+def _die_with_parent() -> None:
+    """In the command's shell: be killed if the slot dies (a timeout ends the slot)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the command may outlive a slot ended by a timeout
 
 
 def _tail(path: Any) -> str:

@@ -201,3 +201,15 @@ class CommandError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CommandError, (str(self), self.exit_code, self.stderr))
+
+
+class JobPreparationError(RuntimeError):
+    """A job's preparation failed on a node; the job's tasks there fail with this."""
+
+
+class JobReleaseError(CloudmapError):
+    """A job's release failed on some nodes (``failures``: node id -> message)."""
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures

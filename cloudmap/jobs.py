@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from .errors import CloudmapError, InputError
+from .errors import InputError, JobPreparationError, JobReleaseError
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -32,18 +32,6 @@ JobStep = str | Callable[[], Any] | None
 _PREPARED = "prepared"
 _FAILED = "prepare-failed"
 _RELEASED = "released"
-
-
-class JobPreparationError(RuntimeError):
-    """The job's preparation failed on this node; its tasks there fail with this."""
-
-
-class JobReleaseError(CloudmapError):
-    """The job's release failed on some nodes (``failures``: node id -> message)."""
-
-    def __init__(self, message: str, failures: dict[str, str]) -> None:
-        super().__init__(message)
-        self.failures = failures
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ class Pool:
             nodes = self._provider().list_nodes()
             failed = [n for n in nodes if n.state in FINAL_STATES]
             if nodes and len(failed) == len(nodes):
-                raise PoolStartError(_start_failure_message(nodes), nodes)
+                raise PoolStartError(_start_failure_message(nodes, self.spec), nodes)
             if time.monotonic() > deadline:
                 raise PoolStartError(
                     f"no node of the pool became ready within start_timeout={timeout:g} s "
@@ -700,8 +700,6 @@ class Pool:
     ) -> MapEngine:
         self._slots()
         options = options.checked(fn)
-        if job is not None:
-            fn = job.wrap(fn)
         if staged or options.inputs or options.outputs:
             fn = StagedCall(
                 fn,
@@ -712,6 +710,8 @@ class Pool:
                 storage_options=dict(options.storage_options or {}),
                 outputs_dir=outputs_dir,
             )
+        if job is not None:  # outermost: the node is prepared before inputs download
+            fn = job.wrap(fn)
         engine = MapEngine(
             self._cluster,
             fn,
@@ -951,16 +951,20 @@ def _teardown(scaler: Scaler | None, provider: Provider | None, cluster: DaskClu
         cluster.close()
 
 
-def _start_failure_message(nodes: list[Any]) -> str:
+def _start_failure_message(nodes: list[Any], spec: PoolSpec) -> str:
     first = nodes[0]
+    step = "start task"
+    if spec.resource_files or spec.packages:
+        setup = "node setup (resource files, packages)"
+        step = f"{step} or {setup}" if spec.start_task is not None else setup
     message = f"no node of the pool could start: {len(nodes)} node(s) {first.state}."
     if first.start_task is not None:
-        message += f" The start task of {first.id} exited with {first.start_task.exit_code}"
+        message += f" The {step} of {first.id} exited with {first.start_task.exit_code}"
         for stream in ("stdout", "stderr"):
             tail = getattr(first.start_task, stream).strip()[-1500:]
             if tail:
                 message += f"\n--- {stream} (end) ---\n{tail}"
-        message += "\nFix the start task and create the pool again."
+        message += f"\nFix the {step} and create the pool again."
     else:
         message += " Check the node logs; the pool was removed."
     return message

@@ -61,6 +61,7 @@ class TaskFiles:
 
 
 _current: TaskFiles | None = None
+_made: set[tuple[str, str]] = set()  # (filesystem token, folder) this slot has made
 
 
 def current_files() -> TaskFiles:
@@ -74,6 +75,11 @@ def check_template(template: object, argument: str) -> list[str]:
     """Validate a URL template; return the item fields it uses (empty: a shared file)."""
     if not isinstance(template, str) or not template:
         raise InputError(f"{argument} takes URL strings, got {template!r}")
+    if template.startswith("memory://"):
+        raise InputError(
+            f"{argument}={template!r}: memory:// lives inside one process, and each node is "
+            "a process of its own; use file:// (a local folder) or abfs:// instead"
+        )
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -152,8 +158,12 @@ class StagedCall:
         os.chdir(directory)
         try:
             value = self.fn(*args, **kwargs)
-        except BaseException:
-            self._upload(outputs, written, index, succeeded=False)
+        except BaseException as exc:
+            try:
+                self._upload(outputs, written, index, succeeded=False)
+            except StagingError as upload_error:  # the call's own error matters more
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(and its failure outputs were not uploaded: {upload_error})")
             raise
         finally:
             os.chdir(previous)
@@ -168,7 +178,7 @@ class StagedCall:
         shared = not check_template(template, "inputs")
         try:
             if shared:
-                _link_or_copy(self._cached(url), target)
+                shutil.copyfile(self._cached(url), target)  # a copy: tasks may write to it
             else:
                 self._get(url, target)
         except FileNotFoundError:
@@ -182,9 +192,11 @@ class StagedCall:
         return target
 
     def _cached(self, url: str) -> Path:
-        """A shared input, downloaded once per node (slots race harmlessly: last rename wins)."""
+        """A shared input, downloaded once per node and map (slots race harmlessly: the last
+        rename wins); a later map downloads it again, so a changed file is seen."""
         root = Path(os.environ.get("CLOUDMAP_NODE_SHARED_DIR", os.getcwd())) / "input-cache"
-        cached = root / hashlib.sha256(url.encode()).hexdigest()[:24] / _basename(url)
+        key = hashlib.sha256(url.encode()).hexdigest()[:24]
+        cached = root / self.job / key / _basename(url)
         if not cached.exists():
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_name(f".{cached.name}.{uuid.uuid4().hex[:8]}")
@@ -194,9 +206,7 @@ class StagedCall:
 
     def _get(self, url: str, target: Path) -> None:
         fs, path = _filesystem(url, self.storage_options)
-        if not fs.exists(path):
-            raise FileNotFoundError(url)
-        fs.get_file(path, str(target))
+        fs.get_file(path, str(target))  # FileNotFoundError when it does not exist
 
     def _upload(
         self, outputs: list[tuple[Output, str]], directory: Path, index: int, *, succeeded: bool
@@ -216,8 +226,10 @@ class StagedCall:
             try:
                 fs, path = _filesystem(url, self.storage_options)
                 parent = path.rsplit("/", 1)[0]
-                if parent and parent != path:
-                    fs.makedirs(parent, exist_ok=True)
+                made = (str(getattr(fs, "_fs_token", id(fs))), parent)
+                if parent and parent != path and made not in _made:
+                    fs.makedirs(parent, exist_ok=True)  # once per folder, store and slot
+                    _made.add(made)
                 fs.put_file(str(local), path)
             except Exception as exc:
                 raise StagingError(
@@ -248,13 +260,6 @@ def _fresh_directory(job: str, index: int) -> Path:
     directory = tasks / job / f"item-{index}-{uuid.uuid4().hex[:8]}"
     directory.mkdir(parents=True)
     return directory
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:

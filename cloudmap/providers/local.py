@@ -319,7 +319,7 @@ class LocalProvider(Provider):
         if node is None:
             raise InputError(f"there is no node {node_id!r} in this pool; see pool.nodes()")
         root = node.layout.root.resolve()
-        target = (root / path).resolve()
+        target = (root / path).resolve()  # an absolute path inside the node works too
         if root not in target.parents:
             raise InputError(f"{path!r} is outside the node's directory; pass a path inside it")
         try:

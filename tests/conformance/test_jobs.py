@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import cloudmap
-from cloudmap.jobs import JobPreparationError, JobReleaseError
+from cloudmap import JobPreparationError, JobReleaseError
 
 from . import tasks
 

@@ -178,6 +178,7 @@ def test_an_output_that_matched_no_file(pool: cloudmap.Pool, inputs: Store) -> N
         ({"inputs": "file:///in/{name}.txt"}, r"names the field \{name\}, which does not exist"),
         ({"outputs": "file:///out/{item"}, "malformed"),
         ({"storage_options": "key"}, "storage_options='key'"),
+        ({"outputs": "memory://out/{item}"}, "memory:// lives inside one process"),
     ],
 )
 def test_bad_staging_arguments_fail_before_any_work(
