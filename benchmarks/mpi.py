@@ -29,7 +29,6 @@ benchmarks/mpi.py`` (3 rounds, under a minute on 2 cores; ``--quick`` for one sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import os
@@ -45,7 +44,7 @@ from typing import Any
 
 import mpi4py
 import numpy as np
-import psutil
+from machine import OtherLoad
 
 import cloudmap
 
@@ -191,28 +190,6 @@ def one_round(
 
 
 # -- report -------------------------------------------------------------------------------
-
-
-class OtherLoad:
-    """The share of the CPUs used by processes other than this one and its descendants."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        system = psutil.cpu_times()
-        busy = system.user + system.nice + system.system + getattr(system, "steal", 0.0)
-        ours = 0.0
-        me = psutil.Process()
-        for process in [me, *me.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                ours += sum(process.cpu_times()[:4])  # with its reaped children
-        return time.monotonic(), busy, ours
-
-    def share(self) -> float:
-        (start, busy0, ours0), (end, busy, ours) = self._start, self._sample()
-        return max(0.0, (busy - busy0) - (ours - ours0)) / ((end - start) * os.cpu_count())
 
 
 def mpich_version() -> str:

@@ -51,6 +51,7 @@ import numpy as np
 import psutil
 from distributed import Client, LocalCluster
 from joblib.externals.loky import get_reusable_executor
+from machine import OtherLoad
 from workloads import calibrate_samples, map_blob, monte_carlo_pi
 
 import cloudmap
@@ -65,7 +66,6 @@ MB = 1024 * 1024
 #: A run during which other processes used more than this share of the CPUs is disturbed:
 #: it is measured again, at most ``Config.retries`` times per run.
 DISTURBED = 0.05
-ACCOUNTING_SLACK = 0.1
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -114,40 +114,6 @@ def _release_free_memory() -> None:
     """Give free malloc memory back to the system (glibc only; elsewhere a no-op)."""
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class OtherLoad:
-    """The share of the machine's CPU time used by other processes since creation.
-
-    Numbers are only comparable on an otherwise idle machine; this says how idle it was.
-    "Ours" is this process and its descendants (workers, nodes), alive or reaped. The
-    kernel counts CPU time in 10 ms ticks per process, so ACCOUNTING_SLACK CPU-seconds are
-    forgiven: a short window is never called busy on rounding alone.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        system = psutil.cpu_times()
-        busy = sum(getattr(system, name, 0.0) for name in
-                   ("user", "nice", "system", "irq", "softirq", "steal"))  # fmt: skip
-        return time.monotonic(), busy, _our_cpu_seconds()
-
-    def share(self) -> float:
-        (start, busy_start, ours_start), (end, busy, ours) = self._start, self._sample()
-        others = (busy - busy_start) - (ours - ours_start) - ACCOUNTING_SLACK
-        return max(0.0, others) / ((end - start) * (psutil.cpu_count() or 1))
-
-
-def _our_cpu_seconds() -> float:
-    me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        with suppress(psutil.Error):  # user, system, and those of its reaped children
-            total += sum(process.cpu_times()[:4])
-    return total
 
 
 class Timed(NamedTuple):

@@ -65,6 +65,7 @@ from typing import Any
 import adlfs
 import fsspec
 import psutil
+from machine import OtherLoad
 
 import cloudmap
 
@@ -235,27 +236,6 @@ class Cpu:
                 kind = "azurite" if "azurite" in " ".join(child.cmdline()) else "nodes"
                 totals[kind] += sum(child.cpu_times()[:2])
         return totals
-
-
-class OtherLoad:
-    """The share of the CPUs used by processes other than this one and its descendants."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        system = psutil.cpu_times()
-        busy = system.user + system.nice + system.system + getattr(system, "steal", 0.0)
-        ours = sum(psutil.Process().cpu_times()[:4])  # with its reaped children (old pools)
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                ours += sum(child.cpu_times()[:2])
-        return time.monotonic(), busy, ours
-
-    def share(self) -> float:
-        (start, busy0, ours0), (end, busy, ours) = self._start, self._sample()
-        return max(0.0, (busy - busy0) - (ours - ours0)) / ((end - start) * (os.cpu_count() or 1))
 
 
 def measure(case: Case, store: Store, data: DataSet, scratch: Path) -> dict[str, float]:
