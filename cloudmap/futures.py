@@ -154,6 +154,12 @@ class PoolExecutor(concurrent.futures.Executor):
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if self._options.inputs or self._options.outputs:
+            raise InputError(
+                "this executor stages files (inputs=/outputs=), which executor.map does and "
+                "submit does not; use executor.map, pool.map or pool.run for staged work, or an "
+                "executor without inputs=/outputs= for submit"
+            )
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -216,3 +216,9 @@ def test_wrong_credentials_name_the_url_and_stay_secret(pool: cloudmap.Pool, azu
     for process in psutil.Process().children(recursive=True):
         assert "d3Jvbmcta2V5" not in " ".join(process.cmdline())
     assert "d3Jvbmcta2V5" not in str(error)
+
+
+def test_an_executor_with_staging_refuses_submit(pool: cloudmap.Pool, tmp_path: Path) -> None:
+    executor = pool.executor(outputs=f"file://{tmp_path}/{{item}}.out")
+    with pytest.raises(cloudmap.InputError, match="submit does not"):
+        executor.submit(tasks.square, 2)
