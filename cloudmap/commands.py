@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import string
 import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import CommandError, InputError
+from .staging import template_fields
 
 COMMAND_FIELDS = ("item", "index", "input", "inputs", "output", "outputs")
 #: Characters of each stream's end kept in a CommandResult and in a CommandError.
@@ -45,12 +45,7 @@ def check_command(command: object, *, has_inputs: bool, has_outputs: bool) -> st
     """Validate a command template before any work is sent."""
     if not isinstance(command, str) or not command.strip():
         raise InputError(f"command={command!r} is not valid: pass a shell command string")
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(command) if name is not None]
-    except ValueError as exc:
-        raise InputError(f"the command {command!r} is malformed ({exc})") from None
-    for name in names:
-        root = name.split(".", 1)[0].split("[", 1)[0]
+    for name, root in template_fields(command, "the command"):
         if root not in COMMAND_FIELDS:
             fields = ", ".join("{" + f + "}" for f in COMMAND_FIELDS)
             raise InputError(

@@ -16,7 +16,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any
 
@@ -71,6 +71,19 @@ class MapOptions:
     inputs: Any = None
     outputs: Any = None
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials
+
+    @classmethod
+    def from_keywords(cls, options: dict[str, Any], where: str, **defaults: Any) -> MapOptions:
+        """The options of ``map`` given as keywords elsewhere (``executor(...)``,
+        ``job.map(...)``); an unknown name is an InputError that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(
+                f"{where} does not take {', '.join(unknown)}; its options are those of "
+                f"pool.map: {', '.join(sorted(known))}"
+            )
+        return cls(**{**defaults, **options})
 
     def checked(self, fn: Callable[..., Any]) -> MapOptions:
         """Validate every option before any work is sent; return them normalised."""

@@ -11,7 +11,6 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from distributed.scheduler import KilledWorker
@@ -141,14 +140,7 @@ class PoolExecutor(concurrent.futures.Executor):
 
     def __init__(self, pool: Pool, **map_options: Any) -> None:
         self._pool = pool
-        known = {f.name for f in fields(MapOptions)}
-        unknown = sorted(set(map_options) - known)
-        if unknown:
-            raise InputError(
-                f"executor() does not take {', '.join(unknown)}; "
-                f"its options are those of map: {', '.join(sorted(known))}"
-            )
-        self._options = MapOptions(**{"progress": False, **map_options})
+        self._options = MapOptions.from_keywords(map_options, "executor()", progress=False)
         self._shutdown = False
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()

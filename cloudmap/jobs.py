@@ -17,7 +17,7 @@ import subprocess
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,11 +217,4 @@ class Job:
 def _options(options: dict[str, Any]) -> Any:
     from .engine import MapOptions
 
-    known = {f.name for f in fields(MapOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InputError(
-            f"job.map does not take {', '.join(unknown)}; its options are those of "
-            f"pool.map: {', '.join(sorted(known))}"
-        )
-    return MapOptions(**options)
+    return MapOptions.from_keywords(options, "job.map")

@@ -29,7 +29,7 @@ from .errors import (
     PoolClosedError,
     SerializationError,
 )
-from .gang import GangScheduler, Lease
+from .gang import GangScheduler
 from .node.mpi_launch import MpiSpec, RunNode, coordinate, launch, stop_run
 from .progress import ProgressCounts, make_reporter
 from .validation import check_int, check_positive
@@ -111,7 +111,7 @@ class MpiRunner:
                 env={str(k): str(v) for k, v in (options.env or {}).items()},
             )
             prepared = self._coordinate(spec)
-            return _interpret(spec, lease, self._launch(spec, prepared))
+            return _interpret(spec, self._launch(spec, prepared))
         except Exception as exc:
             if self._is_closed():
                 raise PoolClosedError("the pool was closed while this MPI run was running") from exc
@@ -281,7 +281,7 @@ def _coordination_payload(coordination: str | Callable[[], Any] | None) -> str |
         ) from exc
 
 
-def _interpret(spec: MpiSpec, lease: Lease, outcome: dict[str, Any]) -> tuple[MpiResult, Any]:
+def _interpret(spec: MpiSpec, outcome: dict[str, Any]) -> tuple[MpiResult, Any]:
     exit_code = outcome["exit_code"]
     result = MpiResult(
         exit_code=0 if exit_code is None else int(exit_code),

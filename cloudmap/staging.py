@@ -71,6 +71,16 @@ def current_files() -> TaskFiles:
     return _current
 
 
+def template_fields(template: str, what: str) -> list[tuple[str, str]]:
+    """Each ``{field}`` of a format template as (as written, its root name): ``{item[0]}``
+    gives ("item[0]", "item"). A malformed template is an InputError naming ``what``."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise InputError(f"{what} {template!r} is malformed ({exc})") from None
+    return [(name, name.split(".", 1)[0].split("[", 1)[0]) for name in names]
+
+
 def check_template(template: object, argument: str) -> list[str]:
     """Validate a URL template; return the item fields it uses (empty: a shared file)."""
     if not isinstance(template, str) or not template:
@@ -80,15 +90,8 @@ def check_template(template: object, argument: str) -> list[str]:
             f"{argument}={template!r}: memory:// lives inside one process, and each node is "
             "a process of its own; use file:// (a local folder) or abfs:// instead"
         )
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise InputError(f"the {argument} template {template!r} is malformed ({exc})") from None
     used = []
-    for _, name, _, _ in parts:
-        if name is None:
-            continue
-        root = name.split(".", 1)[0].split("[", 1)[0]
+    for name, root in template_fields(template, f"the {argument} template"):
         if root not in TEMPLATE_FIELDS:
             raise InputError(
                 f"the {argument} template {template!r} names the field {{{name}}}, which does "
