@@ -29,6 +29,11 @@ _EXPORTS = {
     "Autoscale": "cloudmap.autoscale",
     "Eviction": "cloudmap.providers.eviction",
     "ScalingSample": "cloudmap.scaling",
+    "TaskCounts": "cloudmap.scaling",
+    "NodePrices": "cloudmap.pricing",
+    "PoolWidget": "cloudmap.widgets.pool_widget",
+    "ProgressWidget": "cloudmap.widgets.progress_widget",
+    "FuturesWatch": "cloudmap.watching",
     "Future": "cloudmap.futures",
     "PoolExecutor": "cloudmap.futures",
     "NodeInfo": "cloudmap.nodes",
@@ -57,6 +62,7 @@ __all__ = [
     "CommandResult",
     "Eviction",
     "Future",
+    "FuturesWatch",
     "InputError",
     "JobPreparationError",
     "JobReleaseError",
@@ -66,19 +72,23 @@ __all__ = [
     "MpiUnavailableError",
     "NoNodesError",
     "NodeInfo",
+    "NodePrices",
     "NodeState",
     "Output",
     "Pool",
     "PoolClosedError",
     "PoolExecutor",
     "PoolStartError",
+    "PoolWidget",
     "ProgressCounts",
     "ProgressReporter",
+    "ProgressWidget",
     "RemoteException",
     "ScalingSample",
     "SerializationError",
     "StagingError",
     "StartTaskInfo",
+    "TaskCounts",
     "TaskError",
     "TaskTimeoutError",
     "UnknownProviderError",
@@ -113,11 +123,15 @@ if TYPE_CHECKING:
     from .mpi import MpiResult
     from .nodes import NodeInfo, NodeState, StartTaskInfo
     from .pool import Pool
+    from .pricing import NodePrices
     from .progress import ProgressCounts, ProgressReporter
     from .providers.eviction import Eviction
-    from .scaling import ScalingSample
+    from .scaling import ScalingSample, TaskCounts
     from .seeding import item_rng
     from .staging import Output
+    from .watching import FuturesWatch
+    from .widgets.pool_widget import PoolWidget
+    from .widgets.progress_widget import ProgressWidget
 
 
 def __getattr__(name: str) -> Any:

@@ -68,6 +68,8 @@ class DaskCluster:
         self._slot_count = (0.0, 0)
         self._task_ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
+        #: Tasks whose outcome came back (a result or an error), for the pool widget.
+        self.finished_tasks = 0
 
     @staticmethod
     def _start_scheduler(host: str) -> SpecCluster:
@@ -118,8 +120,10 @@ class DaskCluster:
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
             deliver(future, "cancelled", exc)
         except BaseException as exc:
+            self.finished_tasks += 1
             deliver(future, "error", exc)
         else:
+            self.finished_tasks += 1
             deliver(future, "ok", value)
 
     def loss_cause(self, key: str, error: BaseException) -> str | None:

@@ -56,6 +56,8 @@ UNKNOWN_BACKLOG_TASKS = 1_000_000
 #: With on_error="raise", how long tasks already running may finish after the failure, so
 #: that their results come back with the error instead of being thrown away.
 DRAIN_SECONDS = 2.0
+#: Seconds between recounts of the items in started tasks, for the progress display.
+RUNNING_RECOUNT = 0.2
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ class MapEngine:
         self._counts = ProgressCounts(total=self._total)
         self._failure: TaskError | None = None  # raised once in-flight tasks have drained
         self._drain_deadline = 0.0
+        self._running_counted = 0.0
 
     # -- public -----------------------------------------------------------------------
 
@@ -242,6 +245,7 @@ class MapEngine:
                 except queue.Empty:
                     self._check_alive(deadline)
                     self._refill()  # slots may have joined (a resize, autoscale)
+                    self._report()  # tasks may have started: running, elapsed, ETA move
                     continue
                 if self._tasks.pop(task.key, None) is None:
                     continue  # a task we already gave up on
@@ -449,7 +453,6 @@ class MapEngine:
             self._counts.retried += 1
             self._retry.append((batch, position, 0))
             return
-        self._counts.failed += 1
         failure = TaskError(
             index,
             exception=error.exception(),
@@ -460,6 +463,7 @@ class MapEngine:
             preemptions=self._preempted.get(index, 0),
             item=batch.items[position],
         )
+        self._counts.add_failure(failure)
         if self._on_error == "raise":
             self._failure = failure
             self._drain_deadline = time.monotonic() + DRAIN_SECONDS
@@ -488,8 +492,16 @@ class MapEngine:
     # -- housekeeping ---------------------------------------------------------------------
 
     def _report(self) -> None:
-        if self._reporter is not None:
-            self._reporter.update(self._counts)
+        if self._reporter is None:
+            return
+        now = time.monotonic()
+        if now - self._running_counted >= RUNNING_RECOUNT:  # a lock per task: not every time
+            self._running_counted = now
+            self._counts.running = sum(
+                task.size() for key, task in list(self._tasks.items()) if self._cluster.started(key)
+            )
+        self._counts.running = min(self._counts.running, self._counts.in_flight)
+        self._reporter.update(self._counts)
 
     def _raise_failure_when_drained(self) -> None:
         """Raise the first fatal failure once running tasks are back (or took too long)."""
@@ -502,6 +514,7 @@ class MapEngine:
 
     def _close_reporter(self) -> None:
         if self._reporter is not None:
+            self._counts.running = min(self._counts.running, self._counts.in_flight)
             self._reporter.close(self._counts)
             self._reporter = None
 

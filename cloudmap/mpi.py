@@ -206,16 +206,16 @@ class MpiRunner:
                     for index, param in enumerate(params)
                 }
                 remaining = len(futures)
-                counts.in_flight = min(remaining, runs_at_once)
+                counts.in_flight = counts.running = min(remaining, runs_at_once)
                 for future in concurrent.futures.as_completed(futures):
                     index = futures[future]
                     remaining -= 1
-                    counts.in_flight = min(remaining, runs_at_once)
+                    counts.in_flight = counts.running = min(remaining, runs_at_once)
                     try:
                         results[index] = future.result()
                         counts.done += 1
                     except MpiError as exc:
-                        counts.failed += 1
+                        counts.add_failure(exc)
                         if first_error is None:
                             first_error = exc
                             for other in futures:

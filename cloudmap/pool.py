@@ -7,6 +7,7 @@ makes nodes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -16,7 +17,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .autoscale import Autoscale
 from .cluster import DaskCluster
@@ -37,11 +38,16 @@ from .jobs import Job, JobStep, JobSteps, release_node
 from .mpi import MpiResult, MpiRunner, RunOptions
 from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
 from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
+from .progress import in_jupyter_kernel, make_reporter
 from .providers import PoolSpec, Provider, get_provider
 from .providers.base import NodeEvents, StartTask
-from .scaling import Scaler, ScalingSample
+from .scaling import Scaler, ScalingSample, TaskCounts
 from .staging import Output, StagedCall, as_inputs, as_outputs
 from .validation import check_int, check_positive
+from .watching import FuturesWatch
+
+if TYPE_CHECKING:
+    from .widgets.pool_widget import PoolWidget
 
 _READY = (NodeState.IDLE, NodeState.RUNNING)
 #: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
@@ -149,6 +155,8 @@ class Pool:
         self._close_lock = threading.Lock()
         self._seen: dict[str, tuple[NodeState, datetime]] = {}
         self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
+        self._widget: PoolWidget | None = None
+        self._widget_lock = threading.Lock()
         self._cluster = DaskCluster()
         self.provider: Provider | None = None
         self._scaler: Scaler | None = None
@@ -307,6 +315,23 @@ class Pool:
     def targets(self) -> tuple[int, int]:
         """The (dedicated, spot) node counts the pool is heading for."""
         return self._scaling().targets
+
+    @property
+    def autoscaling(self) -> Autoscale | None:
+        """The autoscale policy in force, or None when the pool keeps its targets."""
+        return self._scaling().policy
+
+    def task_counts(self) -> TaskCounts:
+        """Dask tasks of this pool right now: queued (on the scheduler, plus what maps have
+        not sent yet), running, and finished since the pool started. A map sends its items
+        in batches, so one task may hold many items."""
+        self._provider()
+        running, waiting = self._cluster.work_counts()
+        return TaskCounts(
+            queued=waiting + self._backlog(),
+            running=running,
+            done=self._cluster.finished_tasks,
+        )
 
     def scaling_history(self) -> list[ScalingSample]:
         """The pool over time: targets and node counts by kind, nodes by state, tasks queued
@@ -824,6 +849,49 @@ class Pool:
         )
 
     # -- display ---------------------------------------------------------------------------
+
+    def widget(self) -> PoolWidget:
+        """The live pool widget (one per pool; each display of it is another view).
+
+        Nodes by state, dedicated and spot; targets; a chart of node counts over time; slots
+        busy; tasks queued, running and done; the cost where the provider knows prices; and
+        controls to resize or set autoscale bounds. It refreshes every second on a thread of
+        its own, so it moves while another cell runs.
+        """
+        self._provider()
+        with self._widget_lock:
+            if self._widget is None:
+                from .widgets.pool_widget import PoolWidget
+
+                self._widget = PoolWidget(self)
+            return self._widget
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """In Jupyter: the live widget, with a static HTML summary for front ends (GitHub,
+        nbviewer, a missing widget extension) that cannot draw it."""
+        from .widgets.display import pool_bundle
+
+        return pool_bundle(self)
+
+    def progress(
+        self,
+        futures: Iterable[concurrent.futures.Future[Any]],
+        *,
+        wait: bool | None = None,
+        description: str = "futures",
+    ) -> FuturesWatch:
+        """Show the progress of submitted futures, as map shows its own.
+
+        In Jupyter the progress widget appears and this returns at once (``wait=True`` to
+        block); elsewhere a tqdm bar is drawn and this blocks until all are done, as Dask's
+        ``progress`` does. Returns the watch, whose ``wait()`` blocks until they are done.
+        """
+        reporter = make_reporter(True)
+        assert reporter is not None
+        watch = FuturesWatch(futures, reporter, description)
+        if wait or (wait is None and not in_jupyter_kernel()):
+            watch.wait()
+        return watch
 
     def __repr__(self) -> str:
         if self._closed or self.provider is None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+#: Failures a display keeps with their tracebacks; ``failed`` still counts them all.
+FAILURES_KEPT = 100
 
 
 @dataclass
@@ -20,7 +23,9 @@ class ProgressCounts:
     ``retried`` counts attempts that failed and were tried again (they spend ``retries``);
     ``requeued`` counts items sent again free of charge: their node was preempted or
     removed, their slot died while they only waited on it, or they shared a task with an
-    item that crashed its slot (re-run in halves to find it).
+    item that crashed its slot (re-run in halves to find it). ``in_flight`` items were sent
+    and are not back; ``running`` of them are in tasks a slot has started. ``failures``
+    holds the first :data:`FAILURES_KEPT` items that failed for good, with tracebacks.
     """
 
     total: int | None
@@ -29,6 +34,20 @@ class ProgressCounts:
     retried: int = 0
     requeued: int = 0
     in_flight: int = 0
+    running: int = 0
+    failures: list[Exception] = field(default_factory=list)
+
+    @property
+    def queued(self) -> int:
+        """Items not finished and not running: waiting on a slot, or not sent yet."""
+        if self.total is None:
+            return max(0, self.in_flight - self.running)
+        return max(0, self.total - self.done - self.failed - self.running)
+
+    def add_failure(self, error: Exception) -> None:
+        self.failed += 1
+        if len(self.failures) < FAILURES_KEPT:
+            self.failures.append(error)
 
 
 @runtime_checkable
@@ -89,7 +108,8 @@ def make_reporter(progress: Any) -> ProgressReporter | None:
 
     ``False``: none. ``True``: the default display. ``None``: the default display when there
     is one to show on (a registered widget factory, a Jupyter kernel, a terminal on stderr).
-    A reporter object or a factory returning one is used as given.
+    A reporter object or a factory returning one is used as given. Inside a Jupyter kernel
+    the default display is cloudmap's progress widget; elsewhere a tqdm bar.
     """
     if progress is False:
         return None
@@ -102,12 +122,16 @@ def make_reporter(progress: Any) -> ProgressReporter | None:
         reporter = _default_factory()
         if reporter is not None:
             return reporter
-    if progress is True or _stderr_is_terminal() or _in_jupyter_kernel():
-        return TqdmReporter()  # tqdm.auto draws a notebook bar inside Jupyter
+    if in_jupyter_kernel():
+        from .widgets.progress_widget import ProgressWidget
+
+        return ProgressWidget()
+    if progress is True or _stderr_is_terminal():
+        return TqdmReporter()
     return None
 
 
-def _in_jupyter_kernel() -> bool:
+def in_jupyter_kernel() -> bool:
     """True inside a Jupyter kernel (notebook, JupyterLab, VS Code), not plain IPython."""
     shell = sys.modules.get("IPython")
     if shell is None or "ipykernel" not in sys.modules:

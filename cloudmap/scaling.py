@@ -93,6 +93,15 @@ class ScalingSample:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class TaskCounts:
+    """Dask tasks of a pool now (``pool.task_counts()``); ``done`` counts since it started."""
+
+    queued: int
+    running: int
+    done: int
+
+
 class Scaler:
     """Targets, resizes, departures, autoscale and history of one pool.
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..nodes import ProviderNode
+from ..pricing import NodePrices
 
 StartTask = str | Callable[[], Any] | None
 
@@ -112,3 +113,11 @@ class Provider(abc.ABC):
     def describe(self) -> str:
         """A short human description for reprs, e.g. ``local processes``."""
         return self.name
+
+    def node_size(self) -> str:
+        """What one node is, for displays: a VM size such as ``Standard_D4s_v5``."""
+        return f"{self.spec.slots_per_node} slots per node"
+
+    def prices(self) -> NodePrices | None:
+        """Hourly prices of this pool's nodes, or None where the provider does not know."""
+        return None

@@ -34,6 +34,7 @@ from ..errors import InputError, SerializationError
 from ..node.agent import STOP_GRACE, NodeConfig
 from ..node.layout import CONFIG_FILE, STATE_FILE, NodeLayout
 from ..nodes import ProviderNode, StartTaskInfo
+from ..pricing import NodePrices
 from .base import PoolSpec, Provider
 from .eviction import Eviction, EvictionProcess
 
@@ -56,12 +57,13 @@ class LocalProvider(Provider):
 
     Options: ``root=`` (a directory for the node directories, default a new temporary one),
     ``keep_files=True`` to keep it after ``close()``, ``eviction=cloudmap.Eviction(...)`` to
-    preempt spot nodes at random, and ``restore_after=`` seconds after which a preempted node
-    comes back (default: it stays preempted until removed).
+    preempt spot nodes at random, ``restore_after=`` seconds after which a preempted node
+    comes back (default: it stays preempted until removed), and ``prices=cloudmap.NodePrices(...)``
+    to rehearse what the same pool would cost in the cloud (local nodes cost nothing).
     """
 
     name = "local"
-    option_names = ("root", "keep_files", "eviction", "restore_after")
+    option_names = ("root", "keep_files", "eviction", "restore_after", "prices")
     supports_spot = True
 
     def __init__(
@@ -72,9 +74,13 @@ class LocalProvider(Provider):
         keep_files: bool = False,
         eviction: Eviction | None = None,
         restore_after: float | None = None,
+        prices: NodePrices | None = None,
         **options: Any,
     ) -> None:
         super().__init__(spec, **options)
+        if prices is not None and not isinstance(prices, NodePrices):
+            raise InputError(f"prices={prices!r} is not valid: pass cloudmap.NodePrices(...)")
+        self._prices = prices
         if eviction is not None and not isinstance(eviction, Eviction):
             raise InputError(f"eviction={eviction!r} is not valid: pass cloudmap.Eviction(...)")
         if restore_after is not None and (
@@ -109,6 +115,12 @@ class LocalProvider(Provider):
 
     def describe(self) -> str:
         return f"local processes in {self.root}"
+
+    def node_size(self) -> str:
+        return f"local process, {self.spec.slots_per_node} slots"
+
+    def prices(self) -> NodePrices | None:
+        return self._prices
 
     def _start_task_command(self, spec: PoolSpec, pickled: bytes | None) -> list[str] | None:
         """The command line each node agent runs as the start task."""

@@ -1,0 +1,113 @@
+"""The progress widget of map, imap, run, mpi_map and watched futures.
+
+The map engine calls ``update`` from the thread that runs the map (the cell's thread) at
+least every 0.1 s while it waits, so the widget moves while ``map`` blocks the cell. The
+widget redraws at most every :data:`MIN_REDRAW` seconds: a map of tiny items reports
+thousands of times a second, and each redraw is a message to the browser.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import ipywidgets as widgets
+
+from ..progress import ProgressCounts
+from . import render
+from .summary import ProgressSnapshot, RateMeter, progress_snapshot
+
+#: Seconds between redraws while running (the last redraw always happens).
+MIN_REDRAW = 0.2
+
+
+class ProgressWidget:
+    """A reporter (see :class:`cloudmap.ProgressReporter`) that draws a stacked bar of done,
+    failed, running and queued items, the rate, elapsed time and ETA, and a list of failures
+    that opens to their tracebacks.
+
+    Pass ``display=False`` to place ``.widget`` yourself (in a dashboard, say) instead of
+    having it shown under the cell when the work starts.
+    """
+
+    def __init__(self, *, display: bool = True) -> None:
+        self._display = display
+        self.title = widgets.HTML()
+        self.bar = widgets.HTML(layout=widgets.Layout(width="100%"))
+        self.stats = widgets.HTML()
+        self.failure_list = widgets.HTML()
+        self.failures = widgets.Accordion(children=[self.failure_list], selected_index=None)
+        self.failures.set_title(0, "Failures (0)")
+        self.failures.layout.display = "none"
+        self.widget = widgets.VBox(
+            [self.title, self.bar, self.stats, self.failures],
+            layout=widgets.Layout(width="100%", max_width="860px"),
+        )
+        self.widget.add_class("cloudmap-progress-widget")
+        self.snapshot: ProgressSnapshot | None = None
+        self._description = ""
+        self._started = time.monotonic()
+        self._rate = RateMeter()
+        self._last_draw = 0.0
+        self._failures_drawn = -1
+        self._lock = threading.Lock()
+
+    # -- the reporter protocol -------------------------------------------------------------
+
+    def start(self, counts: ProgressCounts, description: str) -> None:
+        self._description = description
+        self._started = time.monotonic()
+        self._draw(counts, finished=False)
+        if self._display:
+            from IPython.display import display
+
+            display(self)
+
+    def update(self, counts: ProgressCounts) -> None:
+        if time.monotonic() - self._last_draw >= MIN_REDRAW:
+            self._draw(counts, finished=False)
+
+    def close(self, counts: ProgressCounts) -> None:
+        self._draw(counts, finished=True)
+
+    # -- drawing ---------------------------------------------------------------------------
+
+    def _draw(self, counts: ProgressCounts, *, finished: bool) -> None:
+        with self._lock:  # a watcher thread and the cell's thread may both report
+            now = time.monotonic()
+            self._last_draw = now
+            rate = self._rate.add(counts.done + counts.failed, now)
+            snap = progress_snapshot(
+                counts,
+                self._description,
+                elapsed=now - self._started,
+                rate=rate,
+                finished=finished,
+            )
+            self.snapshot = snap
+            with self.widget.hold_sync():
+                _set(self.title, render.progress_title_html(snap))
+                _set(self.bar, render.progress_bar_html(snap))
+                _set(self.stats, render.progress_stats_html(snap))
+                if snap.failed != self._failures_drawn:
+                    self._failures_drawn = snap.failed
+                    self.failures.set_title(0, f"Failures ({snap.failed:,})")
+                    self.failure_list.value = render.failures_html(snap.failures, snap.failed)
+                    self.failures.layout.display = "" if snap.failed else "none"
+
+    # -- display -------------------------------------------------------------------------
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The live widget, plus a static summary for front ends that cannot draw it."""
+        from .display import with_fallbacks
+
+        snap = self.snapshot
+        if snap is None:
+            return {"text/plain": "cloudmap progress (not started)"}
+        return with_fallbacks(self.widget, render.progress_html(snap), render.progress_text(snap))
+
+
+def _set(widget: widgets.HTML, value: str) -> None:
+    if widget.value != value:
+        widget.value = value
