@@ -17,6 +17,8 @@ from ..scaling import ScalingSample
 
 #: How much history the chart shows.
 WINDOW_SECONDS = 15 * 60
+#: Up to this many nodes the y axis ticks every whole node.
+MAX_TICKS = 12
 
 
 class NodeChart:
@@ -48,7 +50,7 @@ class NodeChart:
         self.figure = Figure(
             marks=[self.nodes, self.target],
             axes=[
-                Axis(scale=x, label="time", num_ticks=5),
+                Axis(scale=x, label="time", num_ticks=5, tick_format="%H:%M:%S"),
                 Axis(scale=y, orientation="vertical", label="nodes", tick_format="d"),
             ],
             legend_location="top-left",
@@ -76,3 +78,8 @@ class NodeChart:
             self.nodes.x, self.nodes.y = times, counts
             self.target.x, self.target.y = times, targets
         self.nodes.scales["y"].max = float(top + 1)
+        axis = self.figure.axes[1]
+        if top <= MAX_TICKS:  # whole nodes only: no 0.5 ticks on a small pool
+            axis.tick_values = np.arange(0, top + 2)
+        else:
+            axis.tick_values = None
