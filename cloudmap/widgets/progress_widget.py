@@ -77,11 +77,15 @@ class ProgressWidget:
         with self._lock:  # a watcher thread and the cell's thread may both report
             now = time.monotonic()
             self._last_draw = now
-            rate = self._rate.add(counts.done + counts.failed, now)
+            finished_items = counts.done + counts.failed
+            elapsed = now - self._started
+            rate = self._rate.add(finished_items, now)
+            if rate is None and finished and elapsed > 0:
+                rate = finished_items / elapsed  # too short for a window: the whole run
             snap = progress_snapshot(
                 counts,
                 self._description,
-                elapsed=now - self._started,
+                elapsed=elapsed,
                 rate=rate,
                 finished=finished,
             )

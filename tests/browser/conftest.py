@@ -55,7 +55,7 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     def only_loopback(route: Any) -> None:
         url = route.request.url
         host = urlsplit(url).hostname
-        if url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
+        if url.startswith(("data:", "blob:", "file:")) or host in ("127.0.0.1", "localhost"):
             route.continue_()
         else:
             blocked.append(url)
@@ -78,7 +78,10 @@ def shot(page: Any, name: str, element: Any = None) -> Path:
     """Save a screenshot as a test artefact; returns its path."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    (element or page).screenshot(path=str(path))
+    if element is None:
+        page.screenshot(path=str(path), full_page=True)
+    else:
+        element.screenshot(path=str(path))
     return path
 
 
