@@ -38,7 +38,7 @@ from .jobs import Job, JobStep, JobSteps, release_node
 from .mpi import MpiResult, MpiRunner, RunOptions
 from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
 from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
-from .progress import in_jupyter_kernel, make_reporter
+from .progress import ProgressReporter, in_jupyter_kernel, make_reporter
 from .providers import PoolSpec, Provider, get_provider
 from .providers.base import NodeEvents, StartTask
 from .scaling import Scaler, ScalingSample, TaskCounts
@@ -879,16 +879,19 @@ class Pool:
         *,
         wait: bool | None = None,
         description: str = "futures",
+        reporter: ProgressReporter | None = None,
     ) -> FuturesWatch:
         """Show the progress of submitted futures, as map shows its own.
 
         In Jupyter the progress widget appears and this returns at once (``wait=True`` to
         block); elsewhere a tqdm bar is drawn and this blocks until all are done, as Dask's
-        ``progress`` does. Returns the watch, whose ``wait()`` blocks until they are done.
+        ``progress`` does. ``reporter`` replaces the default display (a
+        :class:`~cloudmap.ProgressWidget` placed in a dashboard, say). Returns the watch,
+        whose ``wait()`` blocks until they are done.
         """
-        reporter = make_reporter(True)
-        assert reporter is not None
-        watch = FuturesWatch(futures, reporter, description)
+        shown = reporter if reporter is not None else make_reporter(True)
+        assert shown is not None
+        watch = FuturesWatch(futures, shown, description)
         if wait or (wait is None and not in_jupyter_kernel()):
             watch.wait()
         return watch

@@ -51,7 +51,7 @@ class NodeChart:
             marks=[self.nodes, self.target],
             axes=[
                 Axis(scale=x, label="time", num_ticks=5, tick_format="%H:%M:%S"),
-                Axis(scale=y, orientation="vertical", label="nodes", tick_format="d"),
+                Axis(scale=y, side="left", label="nodes", tick_format="d"),
             ],
             legend_location="top-left",
             animation_duration=0,

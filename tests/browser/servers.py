@@ -99,10 +99,8 @@ def _wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path)
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
     # Kernels and pool nodes that outlived the server: kill whatever is left of the group.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

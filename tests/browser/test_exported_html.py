@@ -16,6 +16,7 @@ from nbconvert import HTMLExporter
 from .conftest import ROOT, shot
 
 NODE_MODULES = ROOT / "node_modules"
+HTML_MANAGER_DIST = NODE_MODULES / "@jupyter-widgets" / "html-manager" / "dist"
 #: The AMD bundles that widget packages install for classic front ends (bqplot, bqscales):
 #: what the widget manager would fetch from a CDN for a third-party widget.
 NBEXTENSIONS = Path(sys.prefix) / "share" / "jupyter" / "nbextensions"
@@ -56,7 +57,9 @@ def serve_cdn_locally(page: Any) -> list[str]:
         if url.endswith("require.min.js"):
             path = NODE_MODULES / "requirejs" / "require.js"
         elif package.endswith("@jupyter-widgets/html-manager"):
-            path = NODE_MODULES / "@jupyter-widgets" / "html-manager" / "dist" / url.split("/dist/")[1]
+            path = (
+                NODE_MODULES / "@jupyter-widgets" / "html-manager" / "dist" / url.split("/dist/")[1]
+            )
         elif url.endswith("/dist/index.js") and (NBEXTENSIONS / package / "index.js").exists():
             path = NBEXTENSIONS / package / "index.js"
         else:

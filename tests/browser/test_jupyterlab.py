@@ -10,7 +10,7 @@ from typing import Any
 
 import nbformat
 
-from .conftest import shot
+from .conftest import ARTIFACTS, shot
 from .servers import jupyter_lab
 
 MAP_CELL = """\
@@ -109,9 +109,7 @@ def test_pool_and_progress_widgets_live_in_jupyterlab(tmp_path: Path, page: Any)
         page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 
         # The pool widget: 2 dedicated nodes, idle, target 2, before the map starts.
-        wait_for(
-            lambda: node_counts(page).get("idle/dedicated") == 2, 120, "2 idle nodes shown"
-        )
+        wait_for(lambda: node_counts(page).get("idle/dedicated") == 2, 120, "2 idle nodes shown")
         counts = node_counts(page)
         assert counts["target/dedicated"] == 2 and counts["target/spot"] == 0
         assert counts["current/dedicated"] == 2
@@ -155,7 +153,9 @@ def test_pool_and_progress_widgets_live_in_jupyterlab(tmp_path: Path, page: Any)
             "the pool widget to show the pool closed",
         )
         shot(page, "jupyterlab-notebook-finished")
-        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+        errors = page.locator(
+            ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+        )
         assert "Traceback" not in " ".join(errors.all_inner_texts())
     assert not [u for u in page.blocked if "127.0.0.1" in u]
     (tmp_path / "samples.json").write_text(json.dumps(samples))
