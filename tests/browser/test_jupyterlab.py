@@ -153,9 +153,6 @@ def test_pool_and_progress_widgets_live_in_jupyterlab(tmp_path: Path, page: Any)
             "the pool widget to show the pool closed",
         )
         shot(page, "jupyterlab-notebook-finished")
-        errors = page.locator(
-            ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
-        )
-        assert "Traceback" not in " ".join(errors.all_inner_texts())
-    assert not [u for u in page.blocked if "127.0.0.1" in u]
-    (tmp_path / "samples.json").write_text(json.dumps(samples))
+        stderr = page.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+        assert "Traceback" not in " ".join(stderr.all_inner_texts())
+    ARTIFACTS.joinpath("jupyterlab-progress-samples.json").write_text(json.dumps(samples))
