@@ -25,14 +25,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Azurite (the Azure Storage emulator) for the storage tests, pinned in package-lock.json.
+# From npm, pinned in package-lock.json: Azurite (the Azure Storage emulator) for the storage
+# tests, and the standalone widget manager that renders exported notebooks offline.
 NODE_STAMP := node_modules/.installed-$(shell cat package-lock.json | sha1sum | cut -c1-12)
 
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	rm -f node_modules/.installed-* && touch $@
 
-unit: $(STAMP) $(NODE_STAMP)
+# Debian's Chromium, which the browser tests drive with Playwright (apt needs root or sudo).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+
+unit: $(STAMP) $(NODE_STAMP) $(CHROMIUM)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
