@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from ..errors import CloudmapError, PoolClosedError
+from ..errors import CloudmapError
 from . import render
 from .chart import NodeChart
 from .summary import PoolSnapshot, pool_snapshot
@@ -68,9 +68,11 @@ class PoolWidget(widgets.VBox):
                 return False
             try:
                 snap = pool_snapshot(pool)
-            except PoolClosedError:
-                self._show_closed()
-                return False
+            except Exception:
+                if pool.closed:  # closed while we read it: whatever failed, say "closed"
+                    self._show_closed()
+                    return False
+                raise
             self.snapshot = snap
             self._set(self.header, render.pool_header_html(snap))
             self._set(self.table, render.node_table_html(snap))

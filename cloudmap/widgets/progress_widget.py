@@ -52,6 +52,7 @@ class ProgressWidget:
         self._last_draw = 0.0
         self._failures_drawn = -1
         self._lock = threading.Lock()
+        self._handle: Any = None
 
     # -- the reporter protocol -------------------------------------------------------------
 
@@ -62,7 +63,7 @@ class ProgressWidget:
         if self._display:
             from IPython.display import display
 
-            display(self)
+            self._handle = display(self, display_id=True)
 
     def update(self, counts: ProgressCounts) -> None:
         if time.monotonic() - self._last_draw >= MIN_REDRAW:
@@ -70,6 +71,10 @@ class ProgressWidget:
 
     def close(self, counts: ProgressCounts) -> None:
         self._draw(counts, finished=True)
+        if self._handle is not None:
+            # Once more with the final numbers in the static text/html and text/plain
+            # views, which is what GitHub, nbviewer and exports show.
+            self._handle.update(self)
 
     # -- drawing ---------------------------------------------------------------------------
 
