@@ -860,7 +860,7 @@ class Pool:
         """
         self._provider()
         with self._widget_lock:
-            if self._widget is None:
+            if self._widget is None or self._widget.comm is None:  # none yet, or closed
                 from .widgets.pool_widget import PoolWidget
 
                 self._widget = PoolWidget(self)

@@ -108,7 +108,7 @@ def test_pool_widget_stops_when_the_pool_closes() -> None:
 def test_progress_widget_moves_and_lists_failures(pool: cloudmap.Pool) -> None:
     progress = ProgressWidget(display=False)
     percents: list[str] = []
-    progress.bar.observe(
+    progress.summary.observe(
         lambda change: percents.append(change["new"].split('data-percent="')[1].split('"')[0]),
         names="value",
     )
@@ -119,9 +119,30 @@ def test_progress_widget_moves_and_lists_failures(pool: cloudmap.Pool) -> None:
     assert (snap.done, snap.failed, snap.running, snap.queued) == (299, 1, 0, 0)
     assert percents[-1] == "100.0 %"
     assert len(set(percents)) >= 4, f"the bar should move during the map: {percents}"
+    assert progress.failure_list is not None and progress.failures is not None
     assert "unlucky 13" in progress.failure_list.value
     assert "Traceback" in progress.failure_list.value  # the remote traceback, escaped
     assert progress.failures.get_title(0) == "Failures (1)"
+
+
+def test_a_closed_pool_widget_is_replaced_and_a_reporter_can_be_reused(
+    pool: cloudmap.Pool,
+) -> None:
+    first = pool.widget()
+    first.close()
+    assert not first._ticker.running
+    second = pool.widget()
+    assert second is not first and second.comm is not None
+
+    progress = ProgressWidget(display=False)
+    pool.map(slow_square, range(20), on_error="skip", progress=progress)
+    assert progress.failures is not None
+    pool.map(slow_square, range(5), progress=progress)
+    snap = progress.snapshot
+    assert snap is not None and (snap.total, snap.done, snap.failed) == (5, 5, 0)
+    assert progress.failures is None and progress.widget.children == (progress.summary,)
+    progress.dispose()
+    assert progress.widget.comm is None and progress.summary.comm is None
 
 
 def test_progress_of_submitted_futures(pool: cloudmap.Pool) -> None:
@@ -130,6 +151,7 @@ def test_progress_of_submitted_futures(pool: cloudmap.Pool) -> None:
     watch = pool.progress(futures, reporter=progress, wait=True)
     assert watch.counts.done == 3 and watch.counts.failed == 1
     assert progress.snapshot is not None and progress.snapshot.finished
+    assert progress.failure_list is not None
     assert "unlucky 13" in progress.failure_list.value
 
 

@@ -116,7 +116,8 @@ class Provider(abc.ABC):
 
     def node_size(self) -> str:
         """What one node is, for displays: a VM size such as ``Standard_D4s_v5``."""
-        return f"{self.spec.slots_per_node} slots per node"
+        slots = self.spec.slots_per_node
+        return f"{slots} slot{'s' if slots != 1 else ''} per node"
 
     def prices(self) -> NodePrices | None:
         """Hourly prices of this pool's nodes, or None where the provider does not know."""

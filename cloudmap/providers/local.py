@@ -117,7 +117,8 @@ class LocalProvider(Provider):
         return f"local processes in {self.root}"
 
     def node_size(self) -> str:
-        return f"local process, {self.spec.slots_per_node} slots"
+        slots = self.spec.slots_per_node
+        return f"local process, {slots} slot{'s' if slots != 1 else ''}"
 
     def prices(self) -> NodePrices | None:
         return self._prices

@@ -39,3 +39,15 @@ def pool_bundle(pool: Pool) -> dict[str, Any]:
     snap = pool_snapshot(pool)
     widget = pool.widget() if in_jupyter_kernel() else None
     return with_fallbacks(widget, render.pool_html(snap), text)
+
+
+def close_tree(widget: ipywidgets.Widget) -> None:
+    """Close a widget and every widget inside it (children, accordion panes, chart parts),
+    so that nothing of a display it replaced stays registered in the kernel."""
+    from ipywidgets import Widget
+
+    for name in ("children", "marks", "axes"):
+        for part in getattr(widget, name, None) or ():
+            if isinstance(part, Widget):
+                close_tree(part)
+    widget.close()

@@ -182,6 +182,9 @@ class PoolWidget(widgets.VBox):
 
     def close(self) -> None:
         """Stop refreshing and close the widget's views."""
+        from .display import close_tree
+
         self._ticker.stop()
-        self.chart.figure.close()
+        for child in self.children:
+            close_tree(child)
         super().close()

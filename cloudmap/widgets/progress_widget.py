@@ -33,17 +33,12 @@ class ProgressWidget:
 
     def __init__(self, *, display: bool = True) -> None:
         self._display = display
-        self.title = widgets.HTML()
-        self.bar = widgets.HTML(layout=widgets.Layout(width="100%"))
-        self.stats = widgets.HTML()
-        self.failure_list = widgets.HTML()
-        self.failures = widgets.Accordion(children=[self.failure_list], selected_index=None)
-        self.failures.set_title(0, "Failures (0)")
-        self.failures.layout.display = "none"
-        self.widget = widgets.VBox(
-            [self.title, self.bar, self.stats, self.failures],
-            layout=widgets.Layout(width="100%", max_width="860px"),
-        )
+        # Few widget models: each is a message to open, and a map may be short.
+        self.summary = widgets.HTML(layout=widgets.Layout(width="100%"))
+        #: The expandable failure list, made when the first item fails.
+        self.failures: widgets.Accordion | None = None
+        self.failure_list: widgets.HTML | None = None
+        self.widget = widgets.VBox([self.summary], layout=widgets.Layout(max_width="860px"))
         self.widget.add_class("cloudmap-progress-widget")
         self.snapshot: ProgressSnapshot | None = None
         self._description = ""
@@ -59,6 +54,8 @@ class ProgressWidget:
     def start(self, counts: ProgressCounts, description: str) -> None:
         self._description = description
         self._started = time.monotonic()
+        self._rate = RateMeter()  # a reporter may be reused: nothing of the last run counts
+        self._failures_drawn = -1
         self._draw(counts, finished=False)
         if self._display:
             from IPython.display import display
@@ -95,15 +92,33 @@ class ProgressWidget:
                 finished=finished,
             )
             self.snapshot = snap
-            with self.widget.hold_sync():
-                _set(self.title, render.progress_title_html(snap))
-                _set(self.bar, render.progress_bar_html(snap))
-                _set(self.stats, render.progress_stats_html(snap))
-                if snap.failed != self._failures_drawn:
-                    self._failures_drawn = snap.failed
-                    self.failures.set_title(0, f"Failures ({snap.failed:,})")
-                    self.failure_list.value = render.failures_html(snap.failures, snap.failed)
-                    self.failures.layout.display = "" if snap.failed else "none"
+            _set(self.summary, render.progress_summary_html(snap))
+            if snap.failed != self._failures_drawn:
+                self._failures_drawn = snap.failed
+                self._show_failures(snap)
+
+    def _show_failures(self, snap: ProgressSnapshot) -> None:
+        if not snap.failed:  # a reused reporter: the last run's failures go
+            if self.failures is not None:
+                from .display import close_tree
+
+                self.widget.children = (self.summary,)
+                close_tree(self.failures)
+                self.failures = self.failure_list = None
+            return
+        if self.failures is None or self.failure_list is None:
+            self.failure_list = widgets.HTML()
+            self.failures = widgets.Accordion(children=[self.failure_list], selected_index=None)
+            self.widget.children = (*self.widget.children, self.failures)
+        self.failures.set_title(0, f"Failures ({snap.failed:,})")
+        self.failure_list.value = render.failures_html(snap.failures, snap.failed)
+
+    def dispose(self) -> None:
+        """Close the widget and its parts in the kernel (a dashboard replacing it, say);
+        views of it in the page go blank. Not ``close``: that is the reporter's end."""
+        from .display import close_tree
+
+        close_tree(self.widget)
 
     # -- display -------------------------------------------------------------------------
 

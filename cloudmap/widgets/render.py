@@ -130,6 +130,11 @@ def _failure_text(error: Exception) -> tuple[str, str]:
     return summary, str(trace)
 
 
+def progress_summary_html(snap: ProgressSnapshot) -> str:
+    """Title, bar and numbers: the live widget's main part."""
+    return f"{progress_title_html(snap)}{progress_bar_html(snap)}{progress_stats_html(snap)}"
+
+
 def progress_html(snap: ProgressSnapshot) -> str:
     """The whole progress display as one static block (the text/html fallback)."""
     failures = (
@@ -138,10 +143,7 @@ def progress_html(snap: ProgressSnapshot) -> str:
         if snap.failed
         else ""
     )
-    return (
-        f'<div class="cloudmap-progress">{progress_title_html(snap)}{progress_bar_html(snap)}'
-        f"{progress_stats_html(snap)}{failures}</div>"
-    )
+    return f'<div class="cloudmap-progress">{progress_summary_html(snap)}{failures}</div>'
 
 
 def progress_text(snap: ProgressSnapshot) -> str:

@@ -43,7 +43,7 @@ def test_dashboard_runs_as_a_voila_app(tmp_path: Path, page: Any) -> None:
         assert result_data(page)["volatility"] == "0.30"
         page.wait_for_function(
             "() => document.querySelectorAll('.cloudmap-pool-widget "
-            "td[data-state=\"idle\"][data-kind=\"dedicated\"]').length > 0"
+            'td[data-state="idle"][data-kind="dedicated"]\').length > 0'
             " && document.querySelector('.cloudmap-pool-widget "
             "td[data-current=\"dedicated\"]').textContent === '2'",
             timeout=60_000,
