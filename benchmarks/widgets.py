@@ -13,8 +13,8 @@ really goes out on the kernel's IOPub channel as it does in JupyterLab (no brows
 it; drawing happens in the browser's own process, not the kernel's). Each round times every
 variant once, in an order shifted by one each round; medians over rounds are reported.
 Targets: the widget adds at most 5 % to the moderate workload, and at most 50 ms to a map
-at all (its fixed cost: the widget's models, its display, its last update). Run ``python benchmarks/widgets.py``
-(3 rounds, about a minute on 2 cores; ``--quick`` for one round).
+at all (its fixed cost: the widget's models, its display, its last update). Run ``python
+benchmarks/widgets.py`` (3 rounds, about a minute on 2 cores; ``--quick`` for one round).
 """
 
 from __future__ import annotations
