@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import dask
-from distributed import Client, Future, Scheduler, SchedulerPlugin, SpecCluster
+from distributed import Client, Future, Scheduler, SchedulerPlugin, Security, SpecCluster
 from distributed.core import Status
 from distributed.scheduler import KilledWorker
 
@@ -53,11 +53,14 @@ class DaskCluster:
     timeout, item by item.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", *, tls: bool = False) -> None:
         logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
+        #: Per-pool temporary certificates when ``tls``: every connection (client, scheduler,
+        #: slots) is TLS, and a peer without them is refused.
+        self.security = Security.temporary() if tls else None
         with dask.config.set(LOW_OVERHEAD):
-            self._cluster = self._start_scheduler(host)
-        self.client = Client(self._cluster, direct_to_workers=True)
+            self._cluster = self._start_scheduler(host, self.security)
+        self.client = Client(self._cluster, direct_to_workers=True, security=self.security)
         self._plugin = _PoolPlugin()
         _shorten_batching_intervals(self.client, self._cluster.scheduler, self._plugin)
         self._timeouts: dict[str, bytes] = {}
@@ -72,25 +75,41 @@ class DaskCluster:
         self.finished_tasks = 0
 
     @staticmethod
-    def _start_scheduler(host: str) -> SpecCluster:
+    def _start_scheduler(host: str, security: Security | None) -> SpecCluster:
         # The scheduler's HTTP server (dashboard when bokeh is installed, health routes
         # always) gets a free port on the scheduler's host, never a fixed public one.
         dashboard = f"{host}:0"
+        options: dict[str, Any] = {
+            "host": host,
+            "port": 0,
+            "dashboard_address": dashboard,
+            "allowed_failures": 0,
+            "validate": False,
+        }
+        if security is not None:
+            options["security"] = security
+            options["protocol"] = "tls"
         return SpecCluster(
-            scheduler={
-                "cls": Scheduler,
-                "options": {
-                    "host": host,
-                    "port": 0,
-                    "dashboard_address": dashboard,
-                    "allowed_failures": 0,
-                    "validate": False,
-                },
-            },
+            scheduler={"cls": Scheduler, "options": options},
             workers={},
             silence_logs=logging.WARNING,
             name="cloudmap",
+            security=security,
         )
+
+    def node_tls(self) -> dict[str, str]:
+        """What a node's slots need to join a TLS scheduler (PEM texts); empty without TLS.
+
+        Secret: it goes to nodes in their configuration file (mode 0600), never on a
+        command line or in a log.
+        """
+        if self.security is None:
+            return {}
+        return {
+            "ca": str(self.security.tls_ca_file),
+            "cert": str(self.security.tls_worker_cert),
+            "key": str(self.security.tls_worker_key),
+        }
 
     @property
     def scheduler_address(self) -> str:

@@ -92,6 +92,10 @@ class Pool:
     start_timeout : float
         Seconds to wait for the first node; then the pool is torn down and
         :class:`~cloudmap.PoolStartError` raised.
+    tls : bool, optional
+        Encrypt and authenticate every connection (client, scheduler, slots) with
+        temporary certificates made for this pool; a Dask client or worker without them is
+        refused. None takes the provider's default: off for local processes, on for Azure.
     **provider_options
         Passed to the provider (local: ``root=``, ``keep_files=``, ``eviction=``,
         ``restore_after=``).
@@ -118,6 +122,7 @@ class Pool:
         packages: Sequence[str] = (),
         storage_options: dict[str, Any] | None = None,
         start_timeout: float = START_TIMEOUT,
+        tls: bool | None = None,
         **provider_options: Any,
     ) -> None:
         check_int("slots_per_node", slots_per_node, minimum=1)
@@ -157,12 +162,17 @@ class Pool:
         self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
         self._widget: PoolWidget | None = None
         self._widget_lock = threading.Lock()
-        self._cluster = DaskCluster()
+        if tls is not None and not isinstance(tls, bool):
+            raise InputError(f"tls={tls!r} is not valid: pass True, False or None")
+        self._cluster = DaskCluster(
+            tls=provider_class.tls_by_default if tls is None else tls,
+        )
         self.provider: Provider | None = None
         self._scaler: Scaler | None = None
         try:
             self.provider = provider_class(self.spec, **provider_options)
             self.provider.events = _ClusterNodeEvents(self._cluster)
+            self.provider.tls = self._cluster.node_tls()
             self._scaler = Scaler(
                 self.provider,
                 self._cluster,

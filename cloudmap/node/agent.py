@@ -21,7 +21,7 @@ from typing import Any
 from ..nodes import slot_name
 from . import provision
 from .layout import CONFIG_FILE, NodeLayout
-from .slot import JOINED_MARKER
+from .slot import JOINED_MARKER, TLS_DIR_VARIABLE
 
 #: A slot that fails this many times to join within RESTART_WINDOW seconds makes the node
 #: unusable. Slots that die after joining (a task crashed or overran) are always restarted.
@@ -45,6 +45,7 @@ class NodeConfig:
     resource_files: list[list[str]] = field(default_factory=list)  # [url, path in shared/]
     packages: list[str] = field(default_factory=list)
     storage_options: dict[str, Any] = field(default_factory=dict)  # may hold credentials
+    tls: dict[str, str] = field(default_factory=dict)  # ca, cert, key (PEM); secret
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -69,9 +70,21 @@ class NodeAgent:
             **self.config.env,
             **self.layout.environment(self.config.pool_id, self.config.node_id),
         }
+        if self.config.tls:
+            self.env[TLS_DIR_VARIABLE] = str(self._write_tls(self.config.tls))
         self._stop = threading.Event()
         self._slots: dict[int, subprocess.Popen[bytes]] = {}
         self._restarts: dict[int, list[float]] = {}
+
+    def _write_tls(self, tls: dict[str, str]) -> Path:
+        """The slots' certificate files, readable by the node's user only."""
+        directory = self.layout.root / "tls"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in ("ca", "cert", "key"):
+            path = directory / f"{name}.pem"
+            path.touch(mode=0o600)
+            path.write_text(tls[name])
+        return directory
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())

@@ -8,10 +8,32 @@ tasks on different slots never share a GIL.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distributed import Security
 
 JOINED_MARKER = "joined"
+#: Where the agent put the pool's certificates when the scheduler speaks TLS only.
+TLS_DIR_VARIABLE = "CLOUDMAP_TLS_DIR"
+
+
+def security() -> Security | None:
+    """The slot's ``distributed.Security``: the pool's certificates, or None without TLS."""
+    directory = os.environ.get(TLS_DIR_VARIABLE)
+    if not directory:
+        return None
+    from distributed import Security
+
+    return Security(
+        tls_ca_file=os.path.join(directory, "ca.pem"),
+        tls_worker_cert=os.path.join(directory, "cert.pem"),
+        tls_worker_key=os.path.join(directory, "key.pem"),
+        require_encryption=True,
+    )
 
 
 async def serve(scheduler: str, name: str, directory: str) -> None:
@@ -28,6 +50,7 @@ async def serve(scheduler: str, name: str, directory: str) -> None:
         memory_limit=0,
         local_directory=directory,
         death_timeout=60,
+        security=security(),
     ) as worker:
         # Tell the agent this slot joined: a slot that dies after joining was ended by its
         # work (a crash, a timeout) and is simply restarted; one that dies before is broken.

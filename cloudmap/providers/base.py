@@ -71,6 +71,8 @@ class Provider(abc.ABC):
     option_names: ClassVar[tuple[str, ...]] = ()
     #: Whether the provider has spot (low-priority) nodes, which it may preempt.
     supports_spot: ClassVar[bool] = False
+    #: Whether its pools use TLS unless told otherwise (nodes on a network of others).
+    tls_by_default: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec, **options: Any) -> None:
         if options:
@@ -83,6 +85,9 @@ class Provider(abc.ABC):
             )
         self.spec = spec
         self.events = NodeEvents()
+        #: What slots need to join a TLS scheduler (set by the pool before ``start``);
+        #: secret, so providers must deliver it to nodes without logging it.
+        self.tls: dict[str, str] = {}
 
     @abc.abstractmethod
     def start(self, scheduler_address: str) -> None:

@@ -168,6 +168,7 @@ class LocalProvider(Provider):
             resource_files=[list(pair) for pair in self.spec.resource_files],
             packages=list(self.spec.packages),
             storage_options=dict(self.spec.storage_options),
+            tls=dict(self.tls),
         ).dump(layout.root / CONFIG_FILE)
         with (layout.root / "agent.log").open("ab") as log:  # a restored node appends
             process = subprocess.Popen(
