@@ -53,13 +53,13 @@ class DaskCluster:
     timeout, item by item.
     """
 
-    def __init__(self, host: str = "127.0.0.1", *, tls: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.1", *, port: int = 0, tls: bool = False) -> None:
         logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
         #: Per-pool temporary certificates when ``tls``: every connection (client, scheduler,
         #: slots) is TLS, and a peer without them is refused.
         self.security = Security.temporary() if tls else None
         with dask.config.set(LOW_OVERHEAD):
-            self._cluster = self._start_scheduler(host, self.security)
+            self._cluster = self._start_scheduler(host, port, self.security)
         self.client = Client(self._cluster, direct_to_workers=True, security=self.security)
         self._plugin = _PoolPlugin()
         _shorten_batching_intervals(self.client, self._cluster.scheduler, self._plugin)
@@ -75,13 +75,13 @@ class DaskCluster:
         self.finished_tasks = 0
 
     @staticmethod
-    def _start_scheduler(host: str, security: Security | None) -> SpecCluster:
+    def _start_scheduler(host: str, port: int, security: Security | None) -> SpecCluster:
         # The scheduler's HTTP server (dashboard when bokeh is installed, health routes
         # always) gets a free port on the scheduler's host, never a fixed public one.
         dashboard = f"{host}:0"
         options: dict[str, Any] = {
             "host": host,
-            "port": 0,
+            "port": port,
             "dashboard_address": dashboard,
             "allowed_failures": 0,
             "validate": False,

@@ -125,37 +125,22 @@ class Pool:
         tls: bool | None = None,
         **provider_options: Any,
     ) -> None:
-        check_int("slots_per_node", slots_per_node, minimum=1)
-        if autoscale is not None and not isinstance(autoscale, Autoscale):
-            raise InputError(f"autoscale={autoscale!r} is not valid: pass cloudmap.Autoscale(...)")
-        if nodes is None:
-            nodes = 0 if autoscale else max(1, (os.cpu_count() or 1) // slots_per_node)
-        check_int("nodes", nodes, minimum=0)
-        check_int("spot_nodes", spot_nodes, minimum=0)
-        check_positive("start_timeout", start_timeout)
-        if start_task_timeout is not None:
-            check_positive("start_task_timeout", start_task_timeout)
-        if start_task is not None and not (isinstance(start_task, str) or callable(start_task)):
-            raise InputError(
-                f"start_task={start_task!r} is neither a shell command string nor a callable"
-            )
-        env = {str(k): str(v) for k, v in (env or {}).items()}
         provider_class = get_provider(provider)
-        if spot_nodes:
-            _check_spot(provider_class, "pass spot_nodes=0")
-        if autoscale and autoscale.spot:
-            _check_spot(provider_class, "pass Autoscale(spot=False)")
-        self.spec = PoolSpec(
-            nodes,
-            slots_per_node,
-            start_task,
-            start_task_timeout,
-            env,
+        self.spec = _pool_spec(
+            provider_class,
+            nodes=nodes,
             spot_nodes=spot_nodes,
-            resource_files=_resource_files(resource_files),
-            packages=_packages(packages),
-            storage_options=_storage_options(storage_options),
+            autoscale=autoscale,
+            slots_per_node=slots_per_node,
+            start_task=start_task,
+            start_task_timeout=start_task_timeout,
+            env=env,
+            resource_files=resource_files,
+            packages=packages,
+            storage_options=storage_options,
         )
+        nodes = self.spec.nodes
+        check_positive("start_timeout", start_timeout)
         self._closed = False
         self._close_lock = threading.Lock()
         self._seen: dict[str, tuple[NodeState, datetime]] = {}
@@ -164,8 +149,9 @@ class Pool:
         self._widget_lock = threading.Lock()
         if tls is not None and not isinstance(tls, bool):
             raise InputError(f"tls={tls!r} is not valid: pass True, False or None")
+        host, port = provider_class.listen_address(provider_options)
         self._cluster = DaskCluster(
-            tls=provider_class.tls_by_default if tls is None else tls,
+            host, port=port, tls=provider_class.tls_by_default if tls is None else tls
         )
         self.provider: Provider | None = None
         self._scaler: Scaler | None = None
@@ -201,15 +187,67 @@ class Pool:
             _teardown(self._scaler, self.provider, self._cluster)
             raise
 
+    @classmethod
+    def plan(
+        cls,
+        provider: str = "local",
+        *,
+        nodes: int | None = None,
+        spot_nodes: int = 0,
+        autoscale: Autoscale | None = None,
+        slots_per_node: int = 1,
+        start_task: StartTask = None,
+        start_task_timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        resource_files: Sequence[str | tuple[str, str]] = (),
+        packages: Sequence[str] = (),
+        storage_options: dict[str, Any] | None = None,
+        **provider_options: Any,
+    ) -> dict[str, Any]:
+        """What ``Pool(provider, ...)`` with these arguments would ask its provider for,
+        as JSON-ready data, without creating anything or needing credentials.
+
+        For Azure: the exact "add pool" body (``vmSize``, ``targetDedicatedNodes``,
+        ``targetLowPriorityNodes``, ``taskSlotsPerNode``, ``startTask``, ...) with secrets
+        replaced by a note. ``python -m cloudmap plan`` prints it.
+        """
+        provider_class = get_provider(provider)
+        spec = _pool_spec(
+            provider_class,
+            nodes=nodes,
+            spot_nodes=spot_nodes,
+            autoscale=autoscale,
+            slots_per_node=slots_per_node,
+            start_task=start_task,
+            start_task_timeout=start_task_timeout,
+            env=env,
+            resource_files=resource_files,
+            packages=packages,
+            storage_options=storage_options,
+        )
+        return provider_class.plan(spec, **provider_options)
+
     # -- lifetime -------------------------------------------------------------------------
 
     def _wait_for_first_slot(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + 1.0
         while self._cluster.slot_count(max_age=0) == 0:
             nodes = self._provider().list_nodes()
             failed = [n for n in nodes if n.state in FINAL_STATES]
             if nodes and len(failed) == len(nodes):
                 raise PoolStartError(_start_failure_message(nodes, self.spec), nodes)
+            if len(failed) == len(nodes) and time.monotonic() > next_check:
+                # Nothing on the way: did the provider say why (quota, allocation timeout)?
+                next_check = time.monotonic() + 1.0
+                errors = self._provider().allocation_errors()
+                if errors:
+                    raise PoolStartError(
+                        "the provider could not allocate the pool's nodes: "
+                        + "; ".join(errors)
+                        + ". The pool was removed.",
+                        nodes,
+                    )
             if time.monotonic() > deadline:
                 raise PoolStartError(
                     f"no node of the pool became ready within start_timeout={timeout:g} s "
@@ -946,6 +984,52 @@ class NodeFiles:
 
     def __repr__(self) -> str:
         return f"<cloudmap node {self.id}>"
+
+
+def _pool_spec(
+    provider_class: type[Provider],
+    *,
+    nodes: int | None,
+    spot_nodes: int,
+    autoscale: Autoscale | None,
+    slots_per_node: int,
+    start_task: StartTask,
+    start_task_timeout: float | None,
+    env: dict[str, str] | None,
+    resource_files: Sequence[str | tuple[str, str]],
+    packages: Sequence[str],
+    storage_options: dict[str, Any] | None,
+) -> PoolSpec:
+    """Check the pool's provider-independent arguments and make its :class:`PoolSpec`
+    (shared by ``Pool(...)`` and ``Pool.plan(...)``, so both refuse the same input)."""
+    check_int("slots_per_node", slots_per_node, minimum=1)
+    if autoscale is not None and not isinstance(autoscale, Autoscale):
+        raise InputError(f"autoscale={autoscale!r} is not valid: pass cloudmap.Autoscale(...)")
+    if nodes is None:
+        nodes = 0 if autoscale else max(1, (os.cpu_count() or 1) // slots_per_node)
+    check_int("nodes", nodes, minimum=0)
+    check_int("spot_nodes", spot_nodes, minimum=0)
+    if start_task_timeout is not None:
+        check_positive("start_task_timeout", start_task_timeout)
+    if start_task is not None and not (isinstance(start_task, str) or callable(start_task)):
+        raise InputError(
+            f"start_task={start_task!r} is neither a shell command string nor a callable"
+        )
+    if spot_nodes:
+        _check_spot(provider_class, "pass spot_nodes=0")
+    if autoscale and autoscale.spot:
+        _check_spot(provider_class, "pass Autoscale(spot=False)")
+    return PoolSpec(
+        nodes,
+        slots_per_node,
+        start_task,
+        start_task_timeout,
+        {str(k): str(v) for k, v in (env or {}).items()},
+        spot_nodes=spot_nodes,
+        resource_files=_resource_files(resource_files),
+        packages=_packages(packages),
+        storage_options=_storage_options(storage_options),
+    )
 
 
 def _resource_files(files: Sequence[str | tuple[str, str]]) -> tuple[tuple[str, str], ...]:

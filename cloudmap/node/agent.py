@@ -46,6 +46,9 @@ class NodeConfig:
     packages: list[str] = field(default_factory=list)
     storage_options: dict[str, Any] = field(default_factory=dict)  # may hold credentials
     tls: dict[str, str] = field(default_factory=dict)  # ca, cert, key (PEM); secret
+    #: Stop when stdin closes (a local node dies with its client). Batch nodes live until
+    #: Batch removes them, so their agent does not watch.
+    watch_stdin: bool = True
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -88,7 +91,8 @@ class NodeAgent:
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        threading.Thread(target=self._watch_stdin, daemon=True).start()
+        if self.config.watch_stdin:
+            threading.Thread(target=self._watch_stdin, daemon=True).start()
         self.layout.make()
         self.layout.write_state("starting")
         if self.config.resource_files or self.config.packages:

@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "cloudmap.providers"
 #: name -> ("module:Class", pip extra to suggest when its import fails)
 _registry: dict[str, tuple[str, str | None]] = {
     "local": ("cloudmap.providers.local:LocalProvider", None),
+    "azure": ("cloudmap.providers.azure:AzureBatchProvider", "azure"),
 }
 
 

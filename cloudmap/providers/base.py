@@ -110,6 +110,30 @@ class Provider(abc.ABC):
     def close(self) -> None:
         """Remove every node and free every resource; idempotent."""
 
+    @classmethod
+    def plan(cls, spec: PoolSpec, **options: Any) -> dict[str, Any]:
+        """What a pool of ``spec`` would ask this provider for, without making anything
+        (``Pool.plan``). Providers that bill override it with their exact requests."""
+        return {
+            "provider": cls.name,
+            "dedicated_nodes": spec.nodes,
+            "spot_nodes": spec.spot_nodes,
+            "slots_per_node": spec.slots_per_node,
+            "requests": [],
+            "notes": [f"the {cls.name!r} provider sends no requests to a cloud"],
+        }
+
+    @classmethod
+    def listen_address(cls, options: dict[str, Any]) -> tuple[str, int]:
+        """Where the pool's scheduler listens so that this provider's nodes reach it
+        (``options`` are the provider's keyword options). Local nodes: loopback."""
+        return "127.0.0.1", 0
+
+    def allocation_errors(self) -> list[str]:
+        """Why the provider could not make the nodes asked for (quota, timeout), if it
+        knows; the pool raises them when no node is coming."""
+        return []
+
     def read_file(self, node_id: str, path: str) -> bytes:
         """A file from a node's directory tree (``path`` relative to its root), as Batch's
         "get file from compute node"; providers that can reach their nodes' disks override."""

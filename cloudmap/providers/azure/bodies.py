@@ -1,0 +1,173 @@
+"""The JSON bodies the Azure provider sends to Batch, built from plain values.
+
+Pure functions: ``plan`` prints them without credentials or a network, and the provider
+sends the same dicts through the SDK (its models take Batch's camelCase JSON as is).
+Secrets (slot certificates, storage keys) travel in the start task's environment
+settings, never on its command line, and :func:`redacted` hides them for display.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import socket
+from datetime import datetime, timezone
+from typing import Any
+
+from ... import __version__
+from ...autoscale import Autoscale
+from ..base import PoolSpec
+from .settings import AzureSettings
+
+#: Environment settings of the start task.
+CONFIG_VARIABLE = "CLOUDMAP_NODE_CONFIG"  # base64 JSON of the node configuration; secret
+PYTHON_VARIABLE = "CLOUDMAP_PYTHON"
+INSTALL_VARIABLE = "CLOUDMAP_INSTALL"
+SECRET_VARIABLES = frozenset({CONFIG_VARIABLE})
+#: Pool metadata that marks a pool as made by cloudmap (``python -m cloudmap pools list``).
+TAG = "cloudmap"
+
+#: Runs on each node: find (or install) cloudmap, then hand over to its Batch bootstrap,
+#: which starts the node agent and exits with the user's start task's outcome.
+BOOTSTRAP = (
+    'PY="${CLOUDMAP_PYTHON:-python3}"; '
+    '"$PY" -c "import cloudmap" 2>/dev/null || { '
+    'ENV="$AZ_BATCH_NODE_SHARED_DIR/cloudmap-env"; '
+    '"$PY" -m venv "$ENV" && PY="$ENV/bin/python" && '
+    '"$PY" -m pip install --quiet "$CLOUDMAP_INSTALL" || exit 90; }; '
+    'exec "$PY" -m cloudmap.node.batch_boot'
+)
+
+
+def start_task_command() -> str:
+    """The start task's command line: a shell, since Batch does not run one by itself."""
+    return f"/bin/sh -c '{BOOTSTRAP}'"
+
+
+def node_config(spec: PoolSpec, scheduler: str, tls: dict[str, str], pool_id: str) -> str:
+    """What every node's agent needs, base64 JSON (the node id comes from Batch on the node)."""
+    start_task: list[str] | None = None
+    if isinstance(spec.start_task, str):
+        start_task = ["/bin/sh", "-c", spec.start_task]
+    elif spec.start_task is not None:
+        from ...errors import InputError
+
+        raise InputError(
+            "the 'azure' provider takes start_task as a shell command string; a Python "
+            "callable cannot be sent to a Batch start task (run it with pool.job(prepare=...))"
+        )
+    config = {
+        "pool_id": pool_id,
+        "scheduler": scheduler,
+        "slots": spec.slots_per_node,
+        "env": dict(spec.env),
+        "start_task": start_task,
+        "start_task_timeout": spec.start_task_timeout,
+        "resource_files": [list(pair) for pair in spec.resource_files],
+        "packages": list(spec.packages),
+        "storage_options": dict(spec.storage_options),
+        "tls": dict(tls),
+    }
+    return base64.b64encode(json.dumps(config).encode()).decode()
+
+
+def pool_body(
+    spec: PoolSpec,
+    settings: AzureSettings,
+    *,
+    pool_id: str,
+    config: str,
+    mpi: bool = False,
+) -> dict[str, Any]:
+    """The body of Batch's "add pool" request (``BatchPoolCreateOptions``)."""
+    body: dict[str, Any] = {
+        "id": pool_id,
+        "displayName": f"cloudmap pool {pool_id}",
+        "vmSize": settings.vm_size,
+        "virtualMachineConfiguration": {
+            "imageReference": dict(settings.image),
+            "nodeAgentSKUId": settings.node_agent_sku_id,
+        },
+        "taskSlotsPerNode": 1 if mpi else spec.slots_per_node,
+        "targetDedicatedNodes": spec.nodes,
+        "targetLowPriorityNodes": spec.spot_nodes,
+        "resizeTimeout": iso_duration(settings.resize_timeout),
+        "enableInterNodeCommunication": mpi,
+        "startTask": {
+            "commandLine": start_task_command(),
+            "environmentSettings": [
+                {"name": PYTHON_VARIABLE, "value": settings.python},
+                {"name": INSTALL_VARIABLE, "value": settings.install},
+                {"name": CONFIG_VARIABLE, "value": config},
+            ],
+            "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": "nonadmin"}},
+            "maxTaskRetryCount": 0,
+            "waitForSuccess": True,
+        },
+        "metadata": [
+            {"name": TAG, "value": __version__},
+            {"name": "cloudmap-created", "value": datetime.now(timezone.utc).isoformat()},
+            {"name": "cloudmap-client", "value": socket.gethostname()},
+        ],
+    }
+    if settings.subnet_id:
+        body["networkConfiguration"] = {"subnetId": settings.subnet_id}
+    return body
+
+
+def resize_body(dedicated: int, spot: int, settings: AzureSettings) -> dict[str, Any]:
+    """Batch's "resize pool" body; Batch calls spot nodes low-priority."""
+    return {
+        "targetDedicatedNodes": dedicated,
+        "targetLowPriorityNodes": spot,
+        "resizeTimeout": iso_duration(settings.resize_timeout),
+        "nodeDeallocationOption": "requeue",
+    }
+
+
+def remove_body(node_ids: list[str], deallocation: str = "requeue") -> dict[str, Any]:
+    return {"nodeList": list(node_ids), "nodeDeallocationOption": deallocation}
+
+
+def autoscale_formula(policy: Autoscale, slots_per_node: int) -> str:
+    """A Batch autoscale formula for a long-lived pool that keeps no client attached.
+
+    cloudmap's own autoscale follows the Dask scheduler's queue, which Batch cannot see
+    (the work is not Batch tasks). This formula follows what Batch can see, the nodes'
+    CPU: grow by ``step`` while the pool is busy, shrink by ``step`` when it idles, within
+    ``min_nodes`` and ``max_nodes``; spot nodes above ``min_nodes`` when ``policy.spot``.
+    """
+    del slots_per_node  # Batch measures CPU per node, whatever the slots
+    step = policy.step
+    lines = [
+        "$busy = avg($CPUPercent.GetSample(TimeInterval_Minute * 5, 50));",
+        "$now = $TargetDedicatedNodes + $TargetLowPriorityNodes;",
+        f"$wanted = $busy > 70 ? $now + {step} : ($busy < 20 ? $now - {step} : $now);",
+        f"$total = min({policy.max_nodes}, max({policy.min_nodes}, $wanted));",
+    ]
+    if policy.spot:
+        lines += [
+            f"$TargetDedicatedNodes = {policy.min_nodes};",
+            f"$TargetLowPriorityNodes = max(0, $total - {policy.min_nodes});",
+        ]
+    else:
+        lines += ["$TargetDedicatedNodes = $total;", "$TargetLowPriorityNodes = 0;"]
+    lines.append("$NodeDeallocationOption = taskcompletion;")
+    return "\n".join(lines)
+
+
+def iso_duration(seconds: float) -> str:
+    """Batch's ISO 8601 durations: ``PT15M``, ``PT90S``."""
+    whole = max(1, math.ceil(seconds))
+    minutes, secs = divmod(whole, 60)
+    return f"PT{minutes}M{secs}S" if secs else f"PT{minutes}M"
+
+
+def redacted(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to print: secret environment settings replaced by a note."""
+    copy = json.loads(json.dumps(body))
+    for setting in copy.get("startTask", {}).get("environmentSettings", []):
+        if setting.get("name") in SECRET_VARIABLES:
+            setting["value"] = "<secret: node configuration, certificates and credentials>"
+    return copy

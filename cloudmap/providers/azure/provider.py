@@ -1,0 +1,342 @@
+"""Pools on Azure Batch: the provider behind ``cloudmap.Pool("azure", ...)``.
+
+The Dask scheduler runs in the client's process (docs/decisions/0005); the pool's VMs
+join it over TLS with the pool's own certificates. Each node's start task starts the
+cloudmap node agent (``cloudmap.node.batch_boot``), whose slots are the Dask workers.
+Nodes are made, resized and removed through Batch's targets, so Batch's own view of the
+pool (the portal, the CLI) always matches cloudmap's.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from ...errors import InputError, PoolStartError
+from ...nodes import ProviderNode, StartTaskInfo
+from ...pricing import NodePrices
+from ..base import PoolSpec, Provider
+from . import bodies
+from .settings import AzureSettings
+from .states import provider_state
+
+logger = logging.getLogger(__name__)
+
+#: The Batch REST API version the SDK speaks (azure-batch 15.x).
+API_VERSION = "2025-06-01"
+#: Seconds a node listing is reused: the pool asks often (waits poll every 50 ms).
+LIST_CACHE_SECONDS = 0.25
+#: Seconds ``close`` waits for Batch to delete the pool.
+DELETE_TIMEOUT = 300.0
+
+
+class AzureBatchProvider(Provider):
+    """Nodes as the VMs of an Azure Batch pool.
+
+    Options: ``account_url=``, ``credential=`` (default ``DefaultAzureCredential()``; an
+    ``AzureNamedKeyCredential(account, key)`` for a shared key), ``vm_size=``, ``image=``,
+    ``node_agent_sku_id=``, ``keep_pool=``, ``python=``, ``install=``, ``scheduler_host=``,
+    ``resize_timeout=``, ``subnet_id=``, ``prices=cloudmap.NodePrices(...)``. Each setting
+    not given comes from Dask's configuration (``cloudmap.azure.*``), then azure.yaml.
+    """
+
+    name = "azure"
+    option_names = (*AzureSettings.names(), "credential", "prices", "client")
+    supports_spot = True
+    tls_by_default = True
+
+    def __init__(
+        self,
+        spec: PoolSpec,
+        *,
+        credential: Any = None,
+        prices: NodePrices | None = None,
+        client: Any = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(spec)
+        self.settings = AzureSettings.resolve(**options)
+        if prices is not None and not isinstance(prices, NodePrices):
+            raise InputError(f"prices={prices!r} is not valid: pass cloudmap.NodePrices(...)")
+        self._prices = prices
+        if client is None and not self.settings.account_url:
+            raise InputError(
+                "the 'azure' provider needs account_url= (the Batch account's URL, "
+                "https://<account>.<region>.batch.azure.com), or cloudmap.azure.account_url "
+                "in Dask's configuration"
+            )
+        self._client = client if client is not None else _make_client(self.settings, credential)
+        self.pool_id = self.settings.pool_id or f"cloudmap-{uuid.uuid4().hex[:12]}"
+        self._created = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._listed: tuple[float, list[ProviderNode]] = (0.0, [])
+        self._outputs: dict[str, StartTaskInfo] = {}
+        self._targets = (spec.nodes, spec.spot_nodes)
+        self._pending_targets: tuple[int, int] | None = None
+
+    # -- the scheduler's address, as nodes must reach it -------------------------------
+
+    @classmethod
+    def listen_address(cls, options: dict[str, Any]) -> tuple[str, int]:
+        """The client's address on the network the nodes are on (decision 0005)."""
+        port = int(AzureSettings.resolve_one("scheduler_port", options.get("scheduler_port")))
+        host = AzureSettings.resolve_one("scheduler_host", options.get("scheduler_host"))
+        if host:
+            return str(host), port
+        url = AzureSettings.resolve_one("account_url", options.get("account_url")) or ""
+        target = urlsplit(str(url)).hostname
+        if not target or target in ("127.0.0.1", "localhost"):
+            return "127.0.0.1", port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 443))  # sends nothing: it picks the route's local address
+            return str(probe.getsockname()[0]), port
+
+    @classmethod
+    def plan(cls, spec: PoolSpec, **options: Any) -> dict[str, Any]:
+        """The requests ``Pool("azure", ...)`` would send, secrets hidden; no credentials."""
+        for ignored in ("credential", "prices", "client"):
+            options.pop(ignored, None)
+        settings = AzureSettings.resolve(**options)
+        pool_id = settings.pool_id or "cloudmap-<12 random hex digits>"
+        body = bodies.pool_body(
+            spec,
+            settings,
+            pool_id=pool_id,
+            config=bodies.node_config(spec, "<scheduler>", {}, pool_id),
+        )
+        return {
+            "provider": cls.name,
+            "account_url": settings.account_url,
+            "api_version": API_VERSION,
+            "requests": [
+                {
+                    "operation": "create_pool",
+                    "method": "POST",
+                    "path": "/pools",
+                    "body": bodies.redacted(body),
+                }
+            ],
+            "notes": [
+                "cloudmap creates no Batch jobs or tasks: work runs on the pool's Dask "
+                "workers, which the start task starts",
+                f"resizes: POST /pools/{pool_id}/resize; removals: POST "
+                f"/pools/{pool_id}/removenodes; on close: DELETE /pools/{pool_id}"
+                + (" (keep_pool: not sent)" if settings.keep_pool else ""),
+            ],
+        }
+
+    # -- life ------------------------------------------------------------------------
+
+    def body(self, scheduler_address: str) -> dict[str, Any]:
+        """The pool body this provider sends (with secrets in it: see ``bodies.redacted``)."""
+        config = bodies.node_config(self.spec, scheduler_address, self.tls, self.pool_id)
+        return bodies.pool_body(self.spec, self.settings, pool_id=self.pool_id, config=config)
+
+    def start(self, scheduler_address: str) -> None:
+        from azure.batch import models
+
+        body = self.body(scheduler_address)
+        try:
+            self._client.create_pool(models.BatchPoolCreateOptions(body))
+        except Exception as exc:
+            raise PoolStartError(
+                f"Batch refused to create pool {self.pool_id!r}: {describe_error(exc)}", []
+            ) from exc
+        self._created = True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not self._created:
+            return
+        for node in self._list(fresh=True):
+            self.events.lost(node.id)
+        if self.settings.keep_pool:
+            logger.warning(
+                "cloudmap: leaving Azure Batch pool %s running (keep_pool)", self.pool_id
+            )
+            return
+        try:
+            self._client.begin_delete_pool(self.pool_id, polling_interval=1).result(
+                timeout=DELETE_TIMEOUT
+            )
+        except Exception as exc:
+            if _status(exc) != 404:
+                logger.error(
+                    "cloudmap: could not delete Azure Batch pool %s (%s); delete it with "
+                    "`python -m cloudmap pools delete %s`",
+                    self.pool_id,
+                    describe_error(exc),
+                    self.pool_id,
+                )
+
+    # -- size ------------------------------------------------------------------------
+
+    def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
+        """Raise Batch's target so that ``count`` more nodes of that kind come (idempotent:
+        the target is what the pool holds plus ``count``, not the last target plus it)."""
+        present = [
+            n for n in self._list(fresh=True) if n.dedicated == dedicated and n.state != "leaving"
+        ]
+        wanted = len(present) + count
+        dedicated_target, spot_target = self._targets
+        if dedicated:
+            dedicated_target = max(dedicated_target, wanted)
+        else:
+            spot_target = max(spot_target, wanted)
+        self._resize((dedicated_target, spot_target))
+        return []  # Batch names nodes as it allocates them
+
+    def remove_nodes(self, node_ids: Sequence[str]) -> None:
+        from azure.batch import models
+
+        ids = list(node_ids)
+        if not ids:
+            return
+        for node_id in ids:
+            self.events.lost(node_id)
+        listed = {n.id: n for n in self._list(fresh=True)}
+        gone = [listed[i] for i in ids if i in listed]
+        dedicated = sum(1 for n in gone if n.dedicated)
+        self._targets = (
+            max(0, self._targets[0] - dedicated),
+            max(0, self._targets[1] - (len(gone) - dedicated)),
+        )
+        try:
+            self._client.begin_remove_nodes(
+                self.pool_id, models.BatchNodeRemoveOptions(bodies.remove_body(ids))
+            )
+        except Exception as exc:
+            if _status(exc) != 404:
+                raise
+        self._listed = (0.0, [])
+
+    def _resize(self, targets: tuple[int, int]) -> None:
+        from azure.batch import models
+
+        if targets == self._targets and self._pending_targets is None:
+            return
+        try:
+            self._client.begin_resize_pool(
+                self.pool_id,
+                models.BatchPoolResizeOptions(bodies.resize_body(*targets, self.settings)),
+            )
+        except Exception as exc:
+            if _status(exc) != 409:  # resizing already: try again at the next listing
+                raise
+            self._pending_targets = targets
+            return
+        self._targets, self._pending_targets = targets, None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def list_nodes(self) -> list[ProviderNode]:
+        if self._pending_targets is not None:
+            self._resize(self._pending_targets)
+        return self._list()
+
+    def _list(self, fresh: bool = False) -> list[ProviderNode]:
+        taken, nodes = self._listed
+        now = time.monotonic()
+        if not fresh and now - taken < LIST_CACHE_SECONDS:
+            return nodes
+        if self._closed or not self._created:
+            return []
+        nodes = [self._node(n) for n in self._client.list_nodes(self.pool_id)]
+        self._listed = (now, nodes)
+        return nodes
+
+    def _node(self, node: Any) -> ProviderNode:
+        state = provider_state(node.state)
+        since = node.state_transition_time or datetime.now(timezone.utc)
+        info = None
+        if state == "start_failed":
+            info = self._outputs.get(node.id) or self._start_task_output(node)
+        return ProviderNode(
+            id=node.id,
+            state=state,
+            dedicated=bool(node.is_dedicated),
+            slots=self.spec.slots_per_node,
+            since=since,
+            start_task=info,
+        )
+
+    def _start_task_output(self, node: Any) -> StartTaskInfo:
+        """Batch's record of the failed start task, with its output (read once)."""
+        task = node.start_task_info
+        code = getattr(task, "exit_code", None)
+        stdout = _text(self.read_file(node.id, "startup/stdout.txt", missing_ok=True))
+        stderr = _text(self.read_file(node.id, "startup/stderr.txt", missing_ok=True))
+        info = StartTaskInfo(
+            exit_code=code if code is not None else -1, stdout=stdout, stderr=stderr
+        )
+        self._outputs[node.id] = info
+        return info
+
+    def read_file(self, node_id: str, path: str, *, missing_ok: bool = False) -> bytes:
+        """A file under the node's Batch root directory, e.g. ``startup/stdout.txt`` (the
+        cloudmap node's own files are under ``cloudmap/``)."""
+        try:
+            return b"".join(self._client.download_node_file(self.pool_id, node_id, path))
+        except Exception as exc:
+            if missing_ok and _status(exc) == 404:
+                return b""
+            raise
+
+    def allocation_errors(self) -> list[str]:
+        """Why Batch could not reach the targets: its resize errors, code first."""
+        try:
+            pool = self._client.get_pool(self.pool_id)
+        except Exception as exc:
+            return [describe_error(exc)]
+        return [f"{e.code}: {e.message}" for e in (pool.resize_errors or [])]
+
+    def describe(self) -> str:
+        return f"Azure Batch pool {self.pool_id} at {self.settings.account_url}"
+
+    def node_size(self) -> str:
+        return self.settings.vm_size
+
+    def prices(self) -> NodePrices | None:
+        return self._prices
+
+
+def _make_client(settings: AzureSettings, credential: Any) -> Any:
+    from azure.batch import BatchClient
+
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return BatchClient(
+        endpoint=str(settings.account_url),
+        credential=credential,
+        connection_timeout=settings.request_timeout,
+        read_timeout=settings.request_timeout,
+    )
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(exc, "status_code", None)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Batch's error code and message (never a header or a key)."""
+    error = getattr(exc, "error", None)
+    code = getattr(error, "code", None)
+    message = getattr(error, "message", None) or str(exc).splitlines()[0]
+    return f"{code}: {message}" if code else str(message)
+
+
+def _text(data: bytes) -> str:
+    return data.decode(errors="replace")[-65536:]
