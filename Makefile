@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,bench,mpi,storage]"
+	$(BIN)/pip install --quiet -e ".[test,bench,mpi,storage,azure]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 

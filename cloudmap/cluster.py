@@ -73,6 +73,9 @@ class DaskCluster:
         self._prefix = uuid.uuid4().hex[:8]
         #: Tasks whose outcome came back (a result or an error), for the pool widget.
         self.finished_tasks = 0
+        #: Asks the provider whether a node was taken away (preempted, removed) when a slot
+        #: dies without warning: providers that learn of it only afterwards (Batch) set it.
+        self.node_taken: Callable[[str], bool] | None = None
 
     @staticmethod
     def _start_scheduler(host: str, port: int, security: Security | None) -> SpecCluster:
@@ -154,8 +157,14 @@ class DaskCluster:
         """
         if not isinstance(error, KilledWorker):
             return None
-        address = dead_slot(error).address
+        slot = dead_slot(error)
+        address = slot.address
         if address in self._plugin.evicted:
+            return "evicted"
+        node = node_of(slot.name)
+        if node is not None and self.node_taken is not None and self.node_taken(node):
+            if address is not None:
+                self._plugin.evicted.add(address)  # the provider only knew it afterwards
             return "evicted"
         if not _wait_for_event(lambda: self._started_on(key, address)):
             return "queued"

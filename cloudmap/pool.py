@@ -159,6 +159,7 @@ class Pool:
             self.provider = provider_class(self.spec, **provider_options)
             self.provider.events = _ClusterNodeEvents(self._cluster)
             self.provider.tls = self._cluster.node_tls()
+            self._cluster.node_taken = self.provider.node_taken
             self._scaler = Scaler(
                 self.provider,
                 self._cluster,

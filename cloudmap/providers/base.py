@@ -129,6 +129,12 @@ class Provider(abc.ABC):
         (``options`` are the provider's keyword options). Local nodes: loopback."""
         return "127.0.0.1", 0
 
+    def node_taken(self, node_id: str) -> bool:
+        """Whether a node whose slots just died was taken away (preempted or removed)
+        rather than broken by its work. Providers that announce every removal first (via
+        ``events.lost``) need not answer; Batch reports preemption only afterwards."""
+        return False
+
     def allocation_errors(self) -> list[str]:
         """Why the provider could not make the nodes asked for (quota, timeout), if it
         knows; the pool raises them when no node is coming."""

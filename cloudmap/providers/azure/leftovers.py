@@ -12,11 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InputError
+from .auth import default_credential
 from .bodies import TAG
-
-#: The environment variables Batch's own tools use for a shared key.
-ACCOUNT_VARIABLE = "AZURE_BATCH_ACCOUNT"
-KEY_VARIABLE = "AZURE_BATCH_ACCESS_KEY"
 
 
 @dataclass(frozen=True)
@@ -31,8 +28,8 @@ class PoolRecord:
 
 
 def client_for(account_url: str | None) -> Any:
-    """A BatchClient: a shared key from AZURE_BATCH_ACCOUNT / AZURE_BATCH_ACCESS_KEY when
-    both are set, else DefaultAzureCredential (az login, a managed identity, ...)."""
+    """A BatchClient for ``account_url`` (or AZURE_BATCH_ENDPOINT), with the default
+    credential (see :mod:`.auth`)."""
     from azure.batch import BatchClient
 
     url = account_url or os.environ.get("AZURE_BATCH_ENDPOINT")
@@ -41,16 +38,7 @@ def client_for(account_url: str | None) -> Any:
             "pass --account-url https://<account>.<region>.batch.azure.com "
             "(or set AZURE_BATCH_ENDPOINT)"
         )
-    account, key = os.environ.get(ACCOUNT_VARIABLE), os.environ.get(KEY_VARIABLE)
-    if account and key:
-        from azure.core.credentials import AzureNamedKeyCredential
-
-        credential: Any = AzureNamedKeyCredential(account, key)
-    else:
-        from azure.identity import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
-    return BatchClient(endpoint=url, credential=credential)
+    return BatchClient(endpoint=url, credential=default_credential())
 
 
 def list_pools(client: Any, *, everything: bool = False) -> list[PoolRecord]:
@@ -64,7 +52,7 @@ def list_pools(client: Any, *, everything: bool = False) -> list[PoolRecord]:
         records.append(
             PoolRecord(
                 id=pool.id,
-                state=str(pool.state),
+                state=str(getattr(pool.state, "value", pool.state)),
                 dedicated=pool.current_dedicated_nodes or 0,
                 spot=pool.current_low_priority_nodes or 0,
                 created_by_cloudmap=ours,

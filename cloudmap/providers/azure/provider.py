@@ -24,6 +24,7 @@ from ...nodes import ProviderNode, StartTaskInfo
 from ...pricing import NodePrices
 from ..base import PoolSpec, Provider
 from . import bodies
+from .auth import default_credential
 from .settings import AzureSettings
 from .states import provider_state
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 API_VERSION = "2025-06-01"
 #: Seconds a node listing is reused: the pool asks often (waits poll every 50 ms).
 LIST_CACHE_SECONDS = 0.25
+#: Seconds to wait for Batch to show a node whose slots died as preempted or gone.
+TAKEN_WINDOW = 2.0
 #: Seconds ``close`` waits for Batch to delete the pool.
 DELETE_TIMEOUT = 300.0
 
@@ -212,12 +215,16 @@ class AzureBatchProvider(Provider):
             max(0, self._targets[0] - dedicated),
             max(0, self._targets[1] - (len(gone) - dedicated)),
         )
+        options = models.BatchNodeRemoveOptions(bodies.remove_body(ids))
         try:
-            self._client.begin_remove_nodes(
-                self.pool_id, models.BatchNodeRemoveOptions(bodies.remove_body(ids))
-            )
+            self._client.begin_remove_nodes(self.pool_id, options)
         except Exception as exc:
-            if _status(exc) != 404:
+            if _status(exc) == 409:  # Batch removes nodes only from a steady pool
+                self._client.begin_stop_pool_resize(self.pool_id, polling_interval=0.2).result(
+                    timeout=60
+                )
+                self._client.begin_remove_nodes(self.pool_id, options)
+            elif _status(exc) != 404:
                 raise
         self._listed = (0.0, [])
 
@@ -293,6 +300,21 @@ class AzureBatchProvider(Provider):
                 return b""
             raise
 
+    def node_taken(self, node_id: str) -> bool:
+        """Batch marks a node preempted (or leaving, or gone) after its VM is taken: look
+        for that for up to :data:`TAKEN_WINDOW` seconds before calling a lost slot a crash."""
+        deadline = time.monotonic() + TAKEN_WINDOW
+        while True:
+            try:
+                node = self._client.get_node(self.pool_id, node_id)
+            except Exception as exc:
+                return _status(exc) == 404
+            if provider_state(node.state) in ("preempted", "leaving", "unusable"):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
     def allocation_errors(self) -> list[str]:
         """Why Batch could not reach the targets: its resize errors, code first."""
         try:
@@ -315,9 +337,7 @@ def _make_client(settings: AzureSettings, credential: Any) -> Any:
     from azure.batch import BatchClient
 
     if credential is None:
-        from azure.identity import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
+        credential = default_credential()
     return BatchClient(
         endpoint=str(settings.account_url),
         credential=credential,

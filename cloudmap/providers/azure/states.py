@@ -28,6 +28,7 @@ BATCH_TO_PROVIDER = {
 }
 
 
-def provider_state(batch_state: str) -> str:
+def provider_state(batch_state: object) -> str:
     """cloudmap's provider state for a Batch node state (unknown ones are unusable)."""
-    return BATCH_TO_PROVIDER.get(str(batch_state).lower(), "unusable")
+    value = getattr(batch_state, "value", batch_state)  # the SDK's enums print as Name.MEMBER
+    return BATCH_TO_PROVIDER.get(str(value).lower(), "unusable")

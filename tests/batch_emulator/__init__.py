@@ -1,0 +1,136 @@
+"""A local stand-in for the Azure Batch service (REST api-version 2025-06-01), for tests.
+
+There is no public Batch emulator, and cloudmap's Azure provider talks to Batch only through
+``azure.batch.BatchClient``; so this speaks the part of the REST API that the SDK uses for
+pools and compute nodes, checks Shared Key signatures the way Batch does, and runs each
+node's start task as a real local process group under ``root/<pool>/<node>/``::
+
+    with running_batch_emulator(tmp_path) as batch:
+        client = batch.client()
+        client.create_pool(...)
+        batch.preempt(pool_id, node_id)   # admin helpers act directly, not over HTTP
+
+Modules: ``server`` (HTTP, routing, authentication, paging), ``state`` (pools, nodes and
+their state machines), ``nodes`` (node directories and processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .server import API_VERSION, BatchServer
+from .state import AUTOSCALE_RESIZE_CONFLICT, CORES_PER_VM_SIZE, Account
+
+__all__ = [
+    "API_VERSION",
+    "AUTOSCALE_RESIZE_CONFLICT",
+    "CORES_PER_VM_SIZE",
+    "DEFAULT_KEY",
+    "BatchEmulator",
+    "running_batch_emulator",
+]
+
+#: A fixed, obviously fake account key (base64 of 32 bytes), so runs are reproducible.
+DEFAULT_KEY = "Y2xvdWRtYXAtYmF0Y2gtZW11bGF0b3Itbm90LWEta2V5IQ=="
+
+
+class BatchEmulator:
+    """A running emulator: where to reach it, how to sign in, and admin helpers."""
+
+    def __init__(self, server: BatchServer, account: Account, key: str) -> None:
+        self._server = server
+        self._account = account
+        self.url = server.url
+        self.account = account.name
+        self.key = key
+
+    def credential(self) -> Any:
+        from azure.core.credentials import AzureNamedKeyCredential
+
+        return AzureNamedKeyCredential(self.account, self.key)
+
+    def client(self, **kwargs: Any) -> Any:
+        """An ``azure.batch.BatchClient`` for this account (extra kwargs go to the client)."""
+        from azure.batch import BatchClient
+
+        return BatchClient(self.url, self.credential(), **kwargs)
+
+    # Admin helpers: what Azure does on its own, triggered by the test.
+
+    def preempt(self, pool_id: str, node_id: str) -> None:
+        """Take a low-priority node away: its processes are killed (this waits until they are
+        gone) and it stays listed as ``preempted``, as Batch shows evicted Spot nodes."""
+        self._account.preempt(pool_id, node_id)
+
+    def set_quota(self, **quotas: int | None) -> None:
+        """Change account quotas: ``dedicated_cores``, ``low_priority_cores``, ``pools``
+        (``None`` = unlimited). Applies to allocations from now on, as on Batch."""
+        self._account.set_quota(**quotas)
+
+    def fail_allocations(self, pool_id: str, seconds: float = math.inf) -> None:
+        """Make the pool's allocations stall for ``seconds``: a resize adds no node until then
+        and ends with ``AllocationTimedout`` once its ``resizeTimeout`` has passed."""
+        self._account.fail_allocations(pool_id, seconds)
+
+    def node_processes(self, pool_id: str) -> dict[str, list[int]]:
+        """Live pids per node of the pool (the start task and what it left running)."""
+        return self._account.node_processes(pool_id)
+
+    def node_dir(self, pool_id: str, node_id: str) -> Path:
+        """The node's root directory ($AZ_BATCH_NODE_ROOT_DIR)."""
+        return self._account.root / pool_id / node_id
+
+
+@contextlib.contextmanager
+def running_batch_emulator(
+    root: Path,
+    *,
+    account: str = "cloudmapemu",
+    key: str = DEFAULT_KEY,
+    quotas: dict[str, int | None] | None = None,
+    node_start_delay: float = 0.3,
+    page_size: int = 2,
+) -> Iterator[BatchEmulator]:
+    """Serve an emulated Batch account on 127.0.0.1 (free port) from a background thread.
+
+    ``root`` holds the nodes' directories. ``quotas`` may set ``dedicated_cores``,
+    ``low_priority_cores`` and ``pools`` (unset = unlimited). ``node_start_delay`` is how
+    long each node step (allocation, boot, removal) takes. ``page_size`` caps list pages, small
+    by default so that paging is exercised. On exit every node's process group is killed and
+    waited for and the server stopped, whatever happened inside the block.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    state = Account(
+        name=account,
+        root=root,
+        base_url="",
+        node_start_delay=node_start_delay,
+        quotas=quotas,
+        env=dict(os.environ),
+    )
+    server = BatchServer(state, key, page_size)
+    state.base_url = server.url
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="batch-emulator-http"
+    )
+    thread.daemon = True
+    try:
+        state.start()
+        thread.start()
+        yield BatchEmulator(server, state, key)
+    finally:
+        try:
+            state.shutdown()
+        finally:
+            if thread.is_alive():
+                server.shutdown()
+            server.close_connections()
+            server.server_close()
+            thread.join(timeout=5)
