@@ -416,6 +416,12 @@ class Pool:
         return self._cluster.client
 
     @property
+    def security(self) -> Any:
+        """The ``distributed.Security`` of a TLS pool (None without TLS), which
+        ``distributed.Client(pool)`` picks up to connect."""
+        return self._cluster.security
+
+    @property
     def scheduler_address(self) -> str:
         """The Dask scheduler's address, so that ``distributed.Client(pool)`` works."""
         return self._cluster.scheduler_address

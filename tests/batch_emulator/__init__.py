@@ -134,3 +134,34 @@ def running_batch_emulator(
             server.close_connections()
             server.server_close()
             thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def cloudmap_uses(batch: BatchEmulator) -> Iterator[None]:
+    """Make ``cloudmap.Pool("azure", ...)`` with no Azure options use this emulator: the
+    account URL and the nodes' Python through Dask's configuration, the shared key through
+    the environment variables the provider reads when given no credential."""
+    import sys
+
+    import dask.config
+
+    saved = {
+        name: os.environ.get(name) for name in ("AZURE_BATCH_ACCOUNT", "AZURE_BATCH_ACCESS_KEY")
+    }
+    os.environ["AZURE_BATCH_ACCOUNT"] = batch.account
+    os.environ["AZURE_BATCH_ACCESS_KEY"] = batch.key
+    try:
+        with dask.config.set(
+            {
+                "cloudmap.azure.account_url": batch.url,
+                "cloudmap.azure.python": sys.executable,  # cloudmap is importable there
+                "cloudmap.azure.vm_size": "Standard_D2s_v5",
+            }
+        ):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

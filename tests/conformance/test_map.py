@@ -67,7 +67,7 @@ def test_on_error_raise_carries_index_node_attempts_traceback_and_results(
     assert error.attempts == 1
     assert isinstance(error.exception, ValueError)
     assert "bad item 3" in error.remote_traceback
-    assert error.node is not None and error.node.startswith("node-")
+    assert error.node in {node.id for node in pool.nodes()}
     assert error.worker is not None and error.worker.startswith(error.node)
     assert {i: error.results[i] for i in (0, 1, 2)} == {0: 0, 1: 1, 2: 2}
     assert 3 not in error.results
@@ -162,14 +162,16 @@ def test_executor_is_a_concurrent_futures_executor(pool: cloudmap.Pool) -> None:
 
 
 def test_dask_is_available_directly(pool: cloudmap.Pool) -> None:
-    assert pool.client.submit(tasks.square, 9).result(timeout=30) == 81
-    with distributed.Client(pool) as client:
-        assert client.submit(tasks.square, 5).result(timeout=30) == 25
+    # Dask pickles an importable function by reference; a lambda travels by value, so this
+    # works on nodes that do not have the tests' files (Batch nodes).
+    assert pool.client.submit(lambda x: x * x, 9).result(timeout=30) == 81
+    with distributed.Client(pool) as client:  # a TLS pool's certificates come along
+        assert client.submit(lambda x: x * x, 5).result(timeout=30) == 25
 
 
 def test_nodes_report_id_state_kind_slots_and_since(pool: cloudmap.Pool) -> None:
     nodes = pool.nodes()
-    assert sorted(n.id for n in nodes) == ["node-0", "node-1"]
+    assert len({n.id for n in nodes}) == 2
     for node in nodes:
         assert node.state in (NodeState.IDLE, NodeState.RUNNING)
         assert node.dedicated is True
@@ -182,7 +184,7 @@ def test_nodes_report_id_state_kind_slots_and_since(pool: cloudmap.Pool) -> None
 def test_slots_see_the_node_directories(pool: cloudmap.Pool) -> None:
     env = pool.map(tasks.node_environment, [0])[0]
     root = Path(env["CLOUDMAP_NODE_ROOT_DIR"])
-    assert env["CLOUDMAP_NODE_ID"] == root.name
+    assert env["CLOUDMAP_NODE_ID"] in {node.id for node in pool.nodes()}
     for name in ("SHARED", "STARTUP", "TASKS"):
         assert Path(env[f"CLOUDMAP_NODE_{name}_DIR"]).parent == root
 
