@@ -60,7 +60,13 @@ class DaskCluster:
         self.security = Security.temporary() if tls else None
         with dask.config.set(LOW_OVERHEAD):
             self._cluster = self._start_scheduler(host, port, self.security)
-        self.client = Client(self._cluster, direct_to_workers=True, security=self.security)
+        # Results come straight from the slots, except over TLS: there, a client connecting
+        # to a slot that a crashing task was taking down waited out the whole connect
+        # timeout (30 s) about once per three crashes, so results go through the scheduler,
+        # which runs in this process anyway (and nodes behind a NAT cannot be reached).
+        self.client = Client(
+            self._cluster, direct_to_workers=self.security is None, security=self.security
+        )
         self._plugin = _PoolPlugin()
         _shorten_batching_intervals(self.client, self._cluster.scheduler, self._plugin)
         self._timeouts: dict[str, bytes] = {}
@@ -161,13 +167,15 @@ class DaskCluster:
         address = slot.address
         if address in self._plugin.evicted:
             return "evicted"
+        if not _wait_for_event(lambda: self._started_on(key, address)):
+            return "queued"
+        # It was running there: a crash, unless the node was taken (which some providers
+        # learn only afterwards).
         node = node_of(slot.name)
         if node is not None and self.node_taken is not None and self.node_taken(node):
             if address is not None:
-                self._plugin.evicted.add(address)  # the provider only knew it afterwards
+                self._plugin.evicted.add(address)
             return "evicted"
-        if not _wait_for_event(lambda: self._started_on(key, address)):
-            return "queued"
         return None
 
     # -- nodes leaving ----------------------------------------------------------------------

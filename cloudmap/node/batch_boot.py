@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import start_task
 from .agent import NodeConfig
 from .layout import CONFIG_FILE, NodeLayout
 
@@ -36,6 +37,11 @@ def main() -> int:
     root = Path(os.environ["AZ_BATCH_NODE_ROOT_DIR"]) / "cloudmap"
     root.mkdir(parents=True, exist_ok=True)
     layout = NodeLayout(root)
+    pickled = settings.pop("start_task_pickle", None)
+    if pickled:  # a Python callable: the agent runs it as the start task
+        path = root / "start_task.pkl"
+        path.write_bytes(base64.b64decode(pickled))
+        settings["start_task"] = start_task.command(str(path))
     NodeConfig(node_id=os.environ["AZ_BATCH_NODE_ID"], watch_stdin=False, **settings).dump(
         root / CONFIG_FILE
     )
@@ -61,7 +67,8 @@ def main() -> int:
     sys.stderr.write(stderr)
     if state["state"] == "ready":
         scheduler = settings["scheduler"]
-        print(f"[cloudmap] node agent running (pid {agent.pid}), slots joining {scheduler}")
+        message = f"[cloudmap] node agent running (pid {agent.pid}), slots joining {scheduler}"
+        print(message, file=sys.stderr)  # stdout stays the user's start task's own
         return 0
     code = state.get("start_task_exit_code")
     print(f"[cloudmap] the node could not start: {state}", file=sys.stderr)

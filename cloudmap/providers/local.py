@@ -28,9 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
-from ..errors import InputError, SerializationError
+from ..errors import InputError
+from ..node import start_task
 from ..node.agent import STOP_GRACE, NodeConfig
 from ..node.layout import CONFIG_FILE, STATE_FILE, NodeLayout
 from ..nodes import ProviderNode, StartTaskInfo
@@ -92,7 +91,7 @@ class LocalProvider(Provider):
                 f"restore_after={restore_after!r} is not valid: pass seconds >= 0, or None to "
                 "keep preempted nodes preempted"
             )
-        pickled_start_task = _pickle_start_task(spec.start_task)  # before making anything
+        pickled_start_task = start_task.dump(spec.start_task)  # before making anything
         self.pool_id = f"local-{uuid.uuid4().hex[:8]}"
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="cloudmap-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -131,7 +130,7 @@ class LocalProvider(Provider):
             return None
         path = self.root / "start_task.pkl"
         path.write_bytes(pickled)
-        return [sys.executable, "-m", "cloudmap.node.start_task", str(path)]
+        return start_task.command(str(path))
 
     def start(self, scheduler_address: str) -> None:
         self._scheduler = scheduler_address
@@ -345,18 +344,6 @@ class LocalProvider(Provider):
         """The node's directory on this machine (``CLOUDMAP_NODE_ROOT_DIR``)."""
         with self._lock:
             return self._nodes[node_id].layout.root
-
-
-def _pickle_start_task(start_task: object) -> bytes | None:
-    if start_task is None or isinstance(start_task, str):
-        return None
-    try:
-        return cloudpickle.dumps(start_task)
-    except Exception as exc:
-        raise SerializationError(
-            f"start_task={start_task!r} cannot be pickled to send to the nodes ({exc}); "
-            "pass a module-level function or a shell command string"
-        ) from exc
 
 
 def _node_environment() -> dict[str, str]:

@@ -68,6 +68,10 @@ class BatchEmulator:
         gone) and it stays listed as ``preempted``, as Batch shows evicted Spot nodes."""
         self._account.preempt(pool_id, node_id)
 
+    def break_node(self, pool_id: str, node_id: str) -> None:
+        """A node's VM fails: it shows ``unusable`` and its processes are killed."""
+        self._account.break_node(pool_id, node_id)
+
     def set_quota(self, **quotas: int | None) -> None:
         """Change account quotas: ``dedicated_cores``, ``low_priority_cores``, ``pools``
         (``None`` = unlimited). Applies to allocations from now on, as on Batch."""

@@ -907,6 +907,17 @@ class Account:
         if processes is not None:
             processes.kill_and_wait()
 
+    def break_node(self, pool_id: str, node_id: str) -> None:
+        """The node's VM fails: Batch shows it ``unusable``; its processes are gone."""
+        with self.lock:
+            node = self.node(pool_id, node_id)
+            now = time.time()
+            node.set_state("unusable", now)
+            node.pool.touch(now)
+            processes = node.processes
+        if processes is not None:
+            processes.kill_and_wait()
+
     def set_quota(self, **quotas: int | None) -> None:
         unknown = set(quotas) - set(self.quotas)
         if unknown:

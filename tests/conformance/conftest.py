@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -18,6 +19,29 @@ import cloudmap
 from . import mpi_tasks, tasks
 
 TASK_MODULES = (tasks.__name__, mpi_tasks.__name__)
+#: The Batch emulator of the running "azure" module, for faults only Azure can cause.
+EMULATORS: dict[str, Any] = {}
+
+
+def break_node(pool: cloudmap.Pool, node_id: str) -> None:
+    """The node fails as a whole, as a VM can: its processes die and it is unusable."""
+    if pool.provider is not None and pool.provider.name == "azure":
+        EMULATORS["azure"].break_node(pool.provider.pool_id, node_id)  # type: ignore[attr-defined]
+        return
+    from .. import conftest as session
+
+    for process in session.cloudmap_processes():
+        if node_id in " ".join(process.cmdline()):
+            process.kill()
+
+
+def preempt(pool: cloudmap.Pool, node_id: str) -> None:
+    """Take a spot node away without notice (Batch gives none through its API)."""
+    if pool.provider is not None and pool.provider.name == "azure":
+        EMULATORS["azure"].preempt(pool.provider.pool_id, node_id)  # type: ignore[attr-defined]
+    else:
+        pool.provider.preempt(node_id)  # type: ignore[union-attr]
+
 
 PROVIDERS = ["local", "azure"]
 
@@ -39,10 +63,11 @@ def provider(
     root: Path = tmp_path_factory.mktemp("batch")
     try:
         with running_batch_emulator(root, node_start_delay=0.05, page_size=50) as batch:
-            request.node.batch_emulator = batch
+            EMULATORS["azure"] = batch
             with cloudmap_uses(batch):
                 yield "azure"
     finally:
+        EMULATORS.pop("azure", None)
         for module in modules:
             cloudpickle.unregister_pickle_by_value(module)
 

@@ -16,6 +16,7 @@ import pytest
 import cloudmap
 
 from . import tasks
+from .conftest import break_node
 
 
 @pytest.fixture
@@ -93,10 +94,9 @@ def test_ctrl_c_cancels_the_map_frees_slots_and_keeps_the_pool(
 
 
 def test_a_map_on_a_pool_whose_every_node_died_fails_instead_of_hanging(provider: str) -> None:
-    from .. import conftest as session
-
     with cloudmap.Pool(provider, nodes=1) as pool:
-        timer = threading.Timer(1.0, lambda: [p.kill() for p in session.cloudmap_processes()])
+        (node,) = pool.nodes()
+        timer = threading.Timer(1.0, break_node, (pool, node.id))
         timer.start()
         started = time.monotonic()
         with pytest.raises(cloudmap.NoNodesError, match="no usable nodes"):

@@ -17,6 +17,7 @@ from typing import Any
 
 from ... import __version__
 from ...autoscale import Autoscale
+from ...node import start_task as start_task_pickle
 from ..base import PoolSpec
 from .settings import AzureSettings
 
@@ -50,14 +51,9 @@ def node_config(spec: PoolSpec, scheduler: str, tls: dict[str, str], pool_id: st
     start_task: list[str] | None = None
     if isinstance(spec.start_task, str):
         start_task = ["/bin/sh", "-c", spec.start_task]
-    elif spec.start_task is not None:
-        from ...errors import InputError
-
-        raise InputError(
-            "the 'azure' provider takes start_task as a shell command string; a Python "
-            "callable cannot be sent to a Batch start task (run it with pool.job(prepare=...))"
-        )
+    pickled = start_task_pickle.dump(spec.start_task)  # a callable: run by the agent
     config = {
+        "start_task_pickle": base64.b64encode(pickled).decode() if pickled else None,
         "pool_id": pool_id,
         "scheduler": scheduler,
         "slots": spec.slots_per_node,

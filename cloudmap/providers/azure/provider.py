@@ -32,10 +32,12 @@ logger = logging.getLogger(__name__)
 
 #: The Batch REST API version the SDK speaks (azure-batch 15.x).
 API_VERSION = "2025-06-01"
+#: The node agent's root under a Batch node's root directory (see cloudmap.node.batch_boot).
+NODE_SUBDIRECTORY = "cloudmap"
 #: Seconds a node listing is reused: the pool asks often (waits poll every 50 ms).
 LIST_CACHE_SECONDS = 0.25
 #: Seconds to wait for Batch to show a node whose slots died as preempted or gone.
-TAKEN_WINDOW = 2.0
+TAKEN_WINDOW = 0.3
 #: Seconds ``close`` waits for Batch to delete the pool.
 DELETE_TIMEOUT = 300.0
 
@@ -267,7 +269,7 @@ class AzureBatchProvider(Provider):
         state = provider_state(node.state)
         since = node.state_transition_time or datetime.now(timezone.utc)
         info = None
-        if state == "start_failed":
+        if state == "start_failed" or (state == "ready" and self.spec.start_task is not None):
             info = self._outputs.get(node.id) or self._start_task_output(node)
         return ProviderNode(
             id=node.id,
@@ -279,22 +281,31 @@ class AzureBatchProvider(Provider):
         )
 
     def _start_task_output(self, node: Any) -> StartTaskInfo:
-        """Batch's record of the failed start task, with its output (read once)."""
+        """The user's start task: its exit code (Batch's record of ours, which passes it
+        on) and its own output, which the node agent keeps under ``cloudmap/startup``; if
+        cloudmap never got that far (its install failed), Batch's start task output."""
         task = node.start_task_info
         code = getattr(task, "exit_code", None)
-        stdout = _text(self.read_file(node.id, "startup/stdout.txt", missing_ok=True))
-        stderr = _text(self.read_file(node.id, "startup/stderr.txt", missing_ok=True))
-        info = StartTaskInfo(
-            exit_code=code if code is not None else -1, stdout=stdout, stderr=stderr
-        )
+        own = f"{NODE_SUBDIRECTORY}/startup"
+        out = self._download(node.id, f"{own}/stdout.txt", missing_ok=True)
+        err = self._download(node.id, f"{own}/stderr.txt", missing_ok=True)
+        if not out and not err:
+            out = self._download(node.id, "startup/stdout.txt", missing_ok=True)
+            err = self._download(node.id, "startup/stderr.txt", missing_ok=True)
+        exit_code = code if code is not None else -1
+        info = StartTaskInfo(exit_code=exit_code, stdout=_text(out), stderr=_text(err))
         self._outputs[node.id] = info
         return info
 
-    def read_file(self, node_id: str, path: str, *, missing_ok: bool = False) -> bytes:
-        """A file under the node's Batch root directory, e.g. ``startup/stdout.txt`` (the
-        cloudmap node's own files are under ``cloudmap/``)."""
+    def read_file(self, node_id: str, path: str) -> bytes:
+        """A file under the node's cloudmap root (``CLOUDMAP_NODE_ROOT_DIR``), as for every
+        provider: e.g. ``startup/stdout.txt``, the user's start task's output."""
+        return self._download(node_id, f"{NODE_SUBDIRECTORY}/{path}")
+
+    def _download(self, node_id: str, batch_path: str, *, missing_ok: bool = False) -> bytes:
+        """A file by its path under the node's Batch root directory."""
         try:
-            return b"".join(self._client.download_node_file(self.pool_id, node_id, path))
+            return b"".join(self._client.download_node_file(self.pool_id, node_id, batch_path))
         except Exception as exc:
             if missing_ok and _status(exc) == 404:
                 return b""

@@ -17,12 +17,15 @@ DEFAULTS_FILE = Path(__file__).with_name("azure.yaml")
 CONFIG_PREFIX = "cloudmap.azure"
 
 
-def _load_defaults() -> None:
+def _load_defaults() -> dict[str, Any]:
     with DEFAULTS_FILE.open() as stream:
-        dask.config.update_defaults(yaml.safe_load(stream))
+        defaults: dict[str, Any] = yaml.safe_load(stream)
+    dask.config.update_defaults(defaults)
+    return dict(defaults["cloudmap"]["azure"])
 
 
-_load_defaults()
+#: The packaged defaults, also the last resort if Dask's configuration was reset.
+DEFAULTS = _load_defaults()
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,10 @@ class AzureSettings:
     @classmethod
     def resolve_one(cls, name: str, given: Any = None) -> Any:
         """One setting: ``given`` when not None, else ``cloudmap.azure.<name>``."""
-        return given if given is not None else dask.config.get(f"{CONFIG_PREFIX}.{name}", None)
+        if given is not None:
+            return given
+        configured = dask.config.get(f"{CONFIG_PREFIX}.{name}", None)
+        return configured if configured is not None else DEFAULTS.get(name)
 
     @classmethod
     def resolve(cls, **given: Any) -> AzureSettings:
