@@ -68,6 +68,11 @@ class BatchEmulator:
         gone) and it stays listed as ``preempted``, as Batch shows evicted Spot nodes."""
         self._account.preempt(pool_id, node_id)
 
+    def restore_preempted_after(self, seconds: float | None) -> None:
+        """Bring preempted nodes back after ``seconds`` (start task again), as Batch does
+        when Spot capacity returns; None keeps them preempted (the default)."""
+        self._account.restore_after = seconds
+
     def break_node(self, pool_id: str, node_id: str) -> None:
         """A node's VM fails: it shows ``unusable`` and its processes are killed."""
         self._account.break_node(pool_id, node_id)

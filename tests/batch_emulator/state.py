@@ -381,6 +381,9 @@ class Account:
         self.root = root
         self.base_url = base_url
         self.delay = node_start_delay
+        #: Seconds after which a preempted node is allocated again (Batch seeks its Spot
+        #: target when capacity returns); None keeps preempted nodes preempted.
+        self.restore_after: float | None = None
         self.quotas: dict[str, int | None] = {
             "dedicated_cores": None,
             "low_priority_cores": None,
@@ -688,6 +691,14 @@ class Account:
         elif node.state == "starting" and now >= node.next_at:
             self._boot(node, now)
         elif (
+            node.state == "preempted"
+            and self.restore_after is not None
+            and now >= node.next_at
+            and (node.processes is None or node.processes.gone())
+        ):
+            node.set_state("starting", now)  # capacity is back: the same node boots again
+            node.next_at = now + self.delay
+        elif (
             node.state == "leavingpool"
             and now >= node.next_at
             and (node.processes is None or node.processes.gone())
@@ -903,6 +914,8 @@ class Account:
             now = time.time()
             node.set_state("preempted", now)
             node.pool.touch(now)
+            if self.restore_after is not None:
+                node.next_at = now + self.restore_after
             processes = node.processes
         if processes is not None:
             processes.kill_and_wait()

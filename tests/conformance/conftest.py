@@ -35,12 +35,29 @@ def break_node(pool: cloudmap.Pool, node_id: str) -> None:
             process.kill()
 
 
-def preempt(pool: cloudmap.Pool, node_id: str) -> None:
-    """Take a spot node away without notice (Batch gives none through its API)."""
+def preempt(pool: cloudmap.Pool, node_id: str, notice: float | None = None) -> None:
+    """Take a spot node away. Batch gives no notice through its API (a VM hears of it from
+    Azure's scheduled events, which the emulator does not model): ``notice`` is the local
+    provider's only."""
     if pool.provider is not None and pool.provider.name == "azure":
         EMULATORS["azure"].preempt(pool.provider.pool_id, node_id)  # type: ignore[attr-defined]
     else:
-        pool.provider.preempt(node_id)  # type: ignore[union-attr]
+        pool.provider.preempt(node_id, notice=notice)  # type: ignore[union-attr]
+
+
+def restoring(provider: str, seconds: float) -> dict[str, Any]:
+    """Pool options (or emulator settings) that bring preempted nodes back after
+    ``seconds``: the local provider's ``restore_after``; Batch restores by itself."""
+    if provider == "azure":
+        EMULATORS["azure"].restore_preempted_after(seconds)
+        return {}
+    return {"restore_after": seconds}
+
+
+def local_only(provider: str, why: str) -> None:
+    """Skip a test of a local provider feature (fault injection, options) on others."""
+    if provider != "local":
+        pytest.skip(f"the local provider's own feature: {why}")
 
 
 PROVIDERS = ["local", "azure"]

@@ -188,11 +188,13 @@ class AzureBatchProvider(Provider):
     # -- size ------------------------------------------------------------------------
 
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
-        """Raise Batch's target so that ``count`` more nodes of that kind come (idempotent:
-        the target is what the pool holds plus ``count``, not the last target plus it)."""
-        present = [
-            n for n in self._list(fresh=True) if n.dedicated == dedicated and n.state != "leaving"
-        ]
+        """Raise Batch's target so that ``count`` more nodes of that kind come.
+
+        Idempotent: the target becomes the nodes of the listing the pool just counted
+        (the cached one, so both count the same nodes) plus ``count``; asking again before
+        Batch has listed the new nodes asks for the same target, not more.
+        """
+        present = [n for n in self._list() if n.dedicated == dedicated and n.state != "leaving"]
         wanted = len(present) + count
         dedicated_target, spot_target = self._targets
         if dedicated:
