@@ -8,6 +8,8 @@ import cloudmap
 from cloudmap.providers import register_provider
 from cloudmap.providers.local import LocalProvider
 
+from .conftest import local_only
+
 
 class _NoSpotProvider(LocalProvider):
     """The local provider without spot capacity, as some real providers are."""
@@ -20,11 +22,13 @@ register_provider("no-spot", f"{__name__}:_NoSpotProvider")
 
 
 def test_preempting_an_unknown_node(pool: cloudmap.Pool) -> None:
+    local_only(pool.provider.name, "provider.preempt() injects preemptions")  # type: ignore[union-attr]
     with pytest.raises(cloudmap.InputError, match=r"no node 'node-99'.*pool.nodes\(\)"):
         pool.provider.preempt("node-99")  # type: ignore[union-attr]
 
 
 def test_preempting_a_dedicated_node(pool: cloudmap.Pool) -> None:
+    local_only(pool.provider.name, "provider.preempt() injects preemptions")  # type: ignore[union-attr]
     node = pool.nodes()[0].id
     with pytest.raises(cloudmap.InputError, match="only spot nodes are preempted"):
         pool.provider.preempt(node)  # type: ignore[union-attr]

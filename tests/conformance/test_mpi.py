@@ -17,6 +17,7 @@ import pytest
 import cloudmap
 
 from . import mpi_tasks
+from .conftest import preempt
 
 pytest.importorskip("mpi4py", reason="the cloudmap[mpi] extra is installed by make test")
 
@@ -196,7 +197,7 @@ def test_a_node_preempted_under_a_run_fails_it_fast_and_leaves_nothing(provider:
     with cloudmap.Pool(provider, nodes=1, spot_nodes=1) as pool:
         pool.wait_for_nodes()
         spot = next(n.id for n in pool.nodes() if n.spot)
-        timer = threading.Timer(1.5, pool.provider.preempt, (spot,))  # type: ignore[union-attr]
+        timer = threading.Timer(1.5, preempt, (pool, spot))
         timer.start()
         started = time.monotonic()
         try:
