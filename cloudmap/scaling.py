@@ -256,7 +256,7 @@ class Scaler:
         for dedicated, target in ((True, self.targets[0]), (False, self.targets[1])):
             present = [n for n in nodes if n.dedicated == dedicated and n.id not in self._leaving]
             if len(present) < target:
-                self._provider.add_nodes(target - len(present), dedicated=dedicated)
+                self._provider.grow_to(target, dedicated=dedicated, present=len(present))
             elif len(present) > target:
                 ranked = sorted(present, key=lambda n: (order[n.state], n.since))
                 self._remove(ranked[: len(present) - target], deallocation)

@@ -97,6 +97,12 @@ class Provider(abc.ABC):
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
         """Begin making ``count`` more nodes (spot ones if not ``dedicated``); return ids."""
 
+    def grow_to(self, target: int, *, dedicated: bool, present: int) -> None:
+        """Have ``target`` nodes of a kind where the pool counts ``present``: by default,
+        add the difference. Providers with targets of their own (Batch) set the target
+        itself, which stays right however stale ``present`` is."""
+        self.add_nodes(target - present, dedicated=dedicated)
+
     @abc.abstractmethod
     def remove_nodes(self, node_ids: Sequence[str]) -> None:
         """Remove nodes at once, calling ``events.lost`` for each first: their running

@@ -41,6 +41,8 @@ def preempt(pool: cloudmap.Pool, node_id: str, notice: float | None = None) -> N
     provider's only."""
     if pool.provider is not None and pool.provider.name == "azure":
         EMULATORS["azure"].preempt(pool.provider.pool_id, node_id)  # type: ignore[attr-defined]
+    elif notice is None:
+        pool.provider.preempt(node_id)  # type: ignore[union-attr]
     else:
         pool.provider.preempt(node_id, notice=notice)  # type: ignore[union-attr]
 

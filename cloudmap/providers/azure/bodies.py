@@ -69,14 +69,14 @@ def node_config(spec: PoolSpec, scheduler: str, tls: dict[str, str], pool_id: st
 
 
 def pool_body(
-    spec: PoolSpec,
-    settings: AzureSettings,
-    *,
-    pool_id: str,
-    config: str,
-    mpi: bool = False,
+    spec: PoolSpec, settings: AzureSettings, *, pool_id: str, config: str
 ) -> dict[str, Any]:
-    """The body of Batch's "add pool" request (``BatchPoolCreateOptions``)."""
+    """The body of Batch's "add pool" request (``BatchPoolCreateOptions``).
+
+    ``settings.mpi`` makes an MPI pool as Batch wants one: inter-node communication on and
+    one Batch task slot per node (cloudmap's own slots, the Dask workers, are unchanged).
+    """
+    mpi = settings.mpi
     body: dict[str, Any] = {
         "id": pool_id,
         "displayName": f"cloudmap pool {pool_id}",

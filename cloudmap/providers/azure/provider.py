@@ -9,6 +9,7 @@ pool (the portal, the CLI) always matches cloudmap's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from ...autoscale import Autoscale
 from ...errors import InputError, PoolStartError
 from ...nodes import ProviderNode, StartTaskInfo
 from ...pricing import NodePrices
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 API_VERSION = "2025-06-01"
 #: The node agent's root under a Batch node's root directory (see cloudmap.node.batch_boot).
 NODE_SUBDIRECTORY = "cloudmap"
+#: Node ids Batch takes in one "remove nodes" request.
+MAX_REMOVALS = 100
 #: Seconds a node listing is reused: the pool asks often (waits poll every 50 ms).
 LIST_CACHE_SECONDS = 0.25
 #: Seconds to wait for Batch to show a node whose slots died as preempted or gone.
@@ -84,8 +88,7 @@ class AzureBatchProvider(Provider):
         self._lock = threading.Lock()
         self._listed: tuple[float, list[ProviderNode]] = (0.0, [])
         self._outputs: dict[str, StartTaskInfo] = {}
-        self._targets = (spec.nodes, spec.spot_nodes)
-        self._pending_targets: tuple[int, int] | None = None
+        self._removed: set[str] = set()  # node ids (Batch never reuses one)
 
     # -- the scheduler's address, as nodes must reach it -------------------------------
 
@@ -149,6 +152,9 @@ class AzureBatchProvider(Provider):
         from azure.batch import models
 
         body = self.body(scheduler_address)
+        if self.settings.pool_id and self._exists():
+            self._attach(body)
+            return
         try:
             self._client.create_pool(models.BatchPoolCreateOptions(body))
         except Exception as exc:
@@ -156,6 +162,50 @@ class AzureBatchProvider(Provider):
                 f"Batch refused to create pool {self.pool_id!r}: {describe_error(exc)}", []
             ) from exc
         self._created = True
+
+    def _exists(self) -> bool:
+        try:
+            self._client.get_pool(self.pool_id)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return False
+            raise
+        return True
+
+    def _attach(self, body: dict[str, Any]) -> None:
+        """Take over a pool cloudmap made earlier (kept with ``keep_pool``): give it this
+        client's start task (scheduler address, certificates), then replace its nodes,
+        whose agents still serve the old client, with fresh ones at this pool's targets.
+        An attached pool is kept when this client closes, as it was found."""
+        from azure.batch import models
+
+        pool = self._client.get_pool(self.pool_id)
+        tags = {item.name: item.value for item in (pool.metadata or [])}
+        if bodies.TAG not in tags:
+            raise InputError(
+                f"pool {self.pool_id!r} exists but was not made by cloudmap (no "
+                f"{bodies.TAG!r} metadata); pass another pool_id, or none to create one"
+            )
+        self._client.replace_pool_properties(
+            self.pool_id,
+            models.BatchPoolReplaceOptions(
+                {
+                    "startTask": body["startTask"],
+                    "applicationPackageReferences": [],
+                    "metadata": body["metadata"],
+                }
+            ),
+        )
+        self._created = True
+        self.settings = dataclasses.replace(self.settings, keep_pool=True)
+        old = [node.id for node in self._client.list_nodes(self.pool_id)]
+        if old:
+            self._client.begin_remove_nodes(
+                self.pool_id,
+                models.BatchNodeRemoveOptions(bodies.remove_body(old)),
+                polling_interval=0.5,
+            ).result(timeout=self.settings.resize_timeout)
+        self._resize((self.spec.nodes, self.spec.spot_nodes))
 
     def close(self) -> None:
         with self._lock:
@@ -188,21 +238,28 @@ class AzureBatchProvider(Provider):
     # -- size ------------------------------------------------------------------------
 
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
-        """Raise Batch's target so that ``count`` more nodes of that kind come.
-
-        Idempotent: the target becomes the nodes of the listing the pool just counted
-        (the cached one, so both count the same nodes) plus ``count``; asking again before
-        Batch has listed the new nodes asks for the same target, not more.
-        """
+        """Raise Batch's target by ``count`` above the nodes of that kind it holds."""
         present = [n for n in self._list() if n.dedicated == dedicated and n.state != "leaving"]
-        wanted = len(present) + count
-        dedicated_target, spot_target = self._targets
-        if dedicated:
-            dedicated_target = max(dedicated_target, wanted)
-        else:
-            spot_target = max(spot_target, wanted)
-        self._resize((dedicated_target, spot_target))
+        self.grow_to(len(present) + count, dedicated=dedicated, present=len(present))
         return []  # Batch names nodes as it allocates them
+
+    def grow_to(self, target: int, *, dedicated: bool, present: int) -> None:
+        """Raise Batch's target for that kind to ``target`` (removals lower it).
+
+        Idempotent, unlike adding a count: asked again before Batch has listed the new
+        nodes, it asks for the same target. Batch's own targets are read first, so nothing
+        here can drift from them; while Batch is resizing it refuses (409) and the pool's
+        scaling loop asks again a second later.
+        """
+        pool = self._client.get_pool(self.pool_id)
+        current = (pool.target_dedicated_nodes or 0, pool.target_low_priority_nodes or 0)
+        wanted = (
+            (max(current[0], target), current[1])
+            if dedicated
+            else (current[0], max(current[1], target))
+        )
+        if wanted != current:
+            self._resize(wanted)
 
     def remove_nodes(self, node_ids: Sequence[str]) -> None:
         from azure.batch import models
@@ -212,48 +269,36 @@ class AzureBatchProvider(Provider):
             return
         for node_id in ids:
             self.events.lost(node_id)
-        listed = {n.id: n for n in self._list(fresh=True)}
-        gone = [listed[i] for i in ids if i in listed]
-        dedicated = sum(1 for n in gone if n.dedicated)
-        self._targets = (
-            max(0, self._targets[0] - dedicated),
-            max(0, self._targets[1] - (len(gone) - dedicated)),
-        )
-        options = models.BatchNodeRemoveOptions(bodies.remove_body(ids))
-        try:
-            self._client.begin_remove_nodes(self.pool_id, options)
-        except Exception as exc:
-            if _status(exc) == 409:  # Batch removes nodes only from a steady pool
-                self._client.begin_stop_pool_resize(self.pool_id, polling_interval=0.2).result(
-                    timeout=60
-                )
+        self._removed.update(ids)
+        for start in range(0, len(ids), MAX_REMOVALS):  # Batch takes 100 ids per request
+            options = models.BatchNodeRemoveOptions(
+                bodies.remove_body(ids[start : start + MAX_REMOVALS])
+            )
+            try:
                 self._client.begin_remove_nodes(self.pool_id, options)
-            elif _status(exc) != 404:
-                raise
+            except Exception as exc:
+                if _status(exc) == 409:  # Batch removes nodes only from a steady pool
+                    self._client.begin_stop_pool_resize(self.pool_id, polling_interval=0.2).result(
+                        timeout=60
+                    )
+                    self._client.begin_remove_nodes(self.pool_id, options)
+                elif _status(exc) != 404:
+                    raise
         self._listed = (0.0, [])
 
     def _resize(self, targets: tuple[int, int]) -> None:
         from azure.batch import models
 
-        if targets == self._targets and self._pending_targets is None:
-            return
+        body = bodies.resize_body(*targets, self.settings)
         try:
-            self._client.begin_resize_pool(
-                self.pool_id,
-                models.BatchPoolResizeOptions(bodies.resize_body(*targets, self.settings)),
-            )
+            self._client.begin_resize_pool(self.pool_id, models.BatchPoolResizeOptions(body))
         except Exception as exc:
-            if _status(exc) != 409:  # resizing already: try again at the next listing
+            if _status(exc) != 409:  # 409: resizing already, or Batch autoscale in charge
                 raise
-            self._pending_targets = targets
-            return
-        self._targets, self._pending_targets = targets, None
 
     # -- reading ---------------------------------------------------------------------
 
     def list_nodes(self) -> list[ProviderNode]:
-        if self._pending_targets is not None:
-            self._resize(self._pending_targets)
         return self._list()
 
     def _list(self, fresh: bool = False) -> list[ProviderNode]:
@@ -263,7 +308,14 @@ class AzureBatchProvider(Provider):
             return nodes
         if self._closed or not self._created:
             return []
-        nodes = [self._node(n) for n in self._client.list_nodes(self.pool_id)]
+        # Nodes on their way out are gone for the pool, as the local provider's are at
+        # once: those cloudmap removed (Batch lists them a while longer) and any Batch shows
+        # leaving the pool. Counting them would make the pool remove or replace them again.
+        nodes = [
+            self._node(n)
+            for n in self._client.list_nodes(self.pool_id)
+            if n.id not in self._removed and provider_state(n.state) != "leaving"
+        ]
         self._listed = (now, nodes)
         return nodes
 
@@ -335,6 +387,28 @@ class AzureBatchProvider(Provider):
         except Exception as exc:
             return [describe_error(exc)]
         return [f"{e.code}: {e.message}" for e in (pool.resize_errors or [])]
+
+    def enable_batch_autoscale(self, policy: Autoscale, interval_minutes: int = 5) -> str:
+        """Hand the pool's size to Batch's own autoscale, for a pool that outlives its
+        client (``keep_pool=True``); returns the formula sent.
+
+        Turn cloudmap's autoscale off first (``pool.autoscale(None)``): Batch refuses
+        resizes while its formula is in charge. See :func:`bodies.autoscale_formula` for
+        what the formula follows.
+        """
+        from azure.batch import models
+
+        formula = bodies.autoscale_formula(policy, self.spec.slots_per_node)
+        self._client.enable_pool_auto_scale(
+            self.pool_id,
+            models.BatchPoolEnableAutoScaleOptions(
+                {
+                    "autoScaleFormula": formula,
+                    "autoScaleEvaluationInterval": f"PT{interval_minutes}M",
+                }
+            ),
+        )
+        return formula
 
     def describe(self) -> str:
         return f"Azure Batch pool {self.pool_id} at {self.settings.account_url}"

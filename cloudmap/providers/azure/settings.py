@@ -44,6 +44,7 @@ class AzureSettings:
     scheduler_port: int = 0
     resize_timeout: float = 900
     subnet_id: str | None = None
+    mpi: bool = False
     request_timeout: float = 60
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
