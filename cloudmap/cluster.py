@@ -63,7 +63,7 @@ class DaskCluster:
         # Results come straight from the slots, except over TLS: there, a client connecting
         # to a slot that a crashing task was taking down waited out the whole connect
         # timeout (30 s) about once per three crashes, so results go through the scheduler,
-        # which runs in this process anyway (and nodes behind a NAT cannot be reached).
+        # which runs in this process anyway. (The scheduler still connects to the slots.)
         self.client = Client(
             self._cluster, direct_to_workers=self.security is None, security=self.security
         )
@@ -87,7 +87,9 @@ class DaskCluster:
     def _start_scheduler(host: str, port: int, security: Security | None) -> SpecCluster:
         # The scheduler's HTTP server (dashboard when bokeh is installed, health routes
         # always) gets a free port on the scheduler's host, never a fixed public one.
-        dashboard = f"{host}:0"
+        # A TLS pool's scheduler faces a network of others: its HTTP server (no TLS) stays
+        # on loopback.
+        dashboard = f"{'127.0.0.1' if security is not None else host}:0"
         options: dict[str, Any] = {
             "host": host,
             "port": port,

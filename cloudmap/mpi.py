@@ -110,6 +110,7 @@ class MpiRunner:
                 timeout=options.timeout,
                 env={str(k): str(v) for k, v in (options.env or {}).items()},
             )
+            _check_one_host(spec)
             prepared = self._coordinate(spec)
             return _interpret(spec, self._launch(spec, prepared))
         except Exception as exc:
@@ -261,6 +262,19 @@ def _lost_node_error(node: str, nodes: list[str]) -> MpiError:
         "dead) while the ranks ran; every rank was stopped. Run it again.",
         node=node,
     )
+
+
+def _check_one_host(spec: MpiSpec) -> None:
+    """Refuse a run across machines rather than misplace it: the launcher is MPICH's fork
+    launcher, which starts every rank on the primary node's host."""
+    hosts = sorted({node.host for node in spec.nodes})
+    if len(hosts) > 1:
+        raise MpiUnavailableError(
+            f"this MPI run spans {len(hosts)} hosts ({', '.join(hosts)}); cloudmap starts "
+            "every rank with MPICH's fork launcher on the first node's host, so runs across "
+            "machines are not supported yet. Use nodes=1 with ranks_per_node up to the "
+            "node's cores."
+        )
 
 
 def _run_node(node: Any) -> RunNode:

@@ -89,9 +89,10 @@ class Pool:
         node ``start_failed`` with pip's output.
     storage_options : dict, optional
         fsspec options (credentials) for ``resource_files``; never shown.
-    start_timeout : float
+    start_timeout : float, optional
         Seconds to wait for the first node; then the pool is torn down and
-        :class:`~cloudmap.PoolStartError` raised.
+        :class:`~cloudmap.PoolStartError` raised. Default: 120 s, or the provider's own
+        (15 minutes for Azure, whose VMs take minutes to boot).
     tls : bool, optional
         Encrypt and authenticate every connection (client, scheduler, slots) with
         temporary certificates made for this pool; a Dask client or worker without them is
@@ -121,7 +122,7 @@ class Pool:
         resource_files: Sequence[str | tuple[str, str]] = (),
         packages: Sequence[str] = (),
         storage_options: dict[str, Any] | None = None,
-        start_timeout: float = START_TIMEOUT,
+        start_timeout: float | None = None,
         tls: bool | None = None,
         **provider_options: Any,
     ) -> None:
@@ -140,6 +141,8 @@ class Pool:
             storage_options=storage_options,
         )
         nodes = self.spec.nodes
+        if start_timeout is None:
+            start_timeout = provider_class.start_timeout or START_TIMEOUT
         check_positive("start_timeout", start_timeout)
         self._closed = False
         self._close_lock = threading.Lock()
@@ -1012,6 +1015,8 @@ def _pool_spec(
     check_int("slots_per_node", slots_per_node, minimum=1)
     if autoscale is not None and not isinstance(autoscale, Autoscale):
         raise InputError(f"autoscale={autoscale!r} is not valid: pass cloudmap.Autoscale(...)")
+    if nodes is None and provider_class.default_nodes is not None:
+        nodes = 0 if autoscale else provider_class.default_nodes
     if nodes is None:
         nodes = 0 if autoscale else max(1, (os.cpu_count() or 1) // slots_per_node)
     check_int("nodes", nodes, minimum=0)

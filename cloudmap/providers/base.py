@@ -73,6 +73,10 @@ class Provider(abc.ABC):
     supports_spot: ClassVar[bool] = False
     #: Whether its pools use TLS unless told otherwise (nodes on a network of others).
     tls_by_default: ClassVar[bool] = False
+    #: Nodes when ``Pool(nodes=None)``; None: as many as this machine has cores.
+    default_nodes: ClassVar[int | None] = None
+    #: Seconds a pool waits for its first node by default; None: the pool's (120 s).
+    start_timeout: ClassVar[float | None] = None
 
     def __init__(self, spec: PoolSpec, **options: Any) -> None:
         if options:

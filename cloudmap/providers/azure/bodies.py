@@ -33,7 +33,9 @@ TAG = "cloudmap"
 #: which starts the node agent and exits with the user's start task's outcome.
 BOOTSTRAP = (
     'PY="${CLOUDMAP_PYTHON:-python3}"; '
-    '"$PY" -c "import cloudmap" 2>/dev/null || { '
+    '"$PY" -c "import cloudmap.node.batch_boot" 2>/dev/null || { '
+    '[ -n "$CLOUDMAP_INSTALL" ] || { echo "cloudmap is not installed for $PY on this image '
+    'and no install= was given" >&2; exit 90; }; '
     'ENV="$AZ_BATCH_NODE_SHARED_DIR/cloudmap-env"; '
     '"$PY" -m venv "$ENV" && PY="$ENV/bin/python" && '
     '"$PY" -m pip install --quiet "$CLOUDMAP_INSTALL" || exit 90; }; '
@@ -94,7 +96,7 @@ def pool_body(
             "commandLine": start_task_command(),
             "environmentSettings": [
                 {"name": PYTHON_VARIABLE, "value": settings.python},
-                {"name": INSTALL_VARIABLE, "value": settings.install},
+                {"name": INSTALL_VARIABLE, "value": settings.install or ""},
                 {"name": CONFIG_VARIABLE, "value": config},
             ],
             "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": "nonadmin"}},

@@ -49,17 +49,21 @@ DELETE_TIMEOUT = 300.0
 class AzureBatchProvider(Provider):
     """Nodes as the VMs of an Azure Batch pool.
 
-    Options: ``account_url=``, ``credential=`` (default ``DefaultAzureCredential()``; an
-    ``AzureNamedKeyCredential(account, key)`` for a shared key), ``vm_size=``, ``image=``,
-    ``node_agent_sku_id=``, ``keep_pool=``, ``python=``, ``install=``, ``scheduler_host=``,
-    ``resize_timeout=``, ``subnet_id=``, ``prices=cloudmap.NodePrices(...)``. Each setting
-    not given comes from Dask's configuration (``cloudmap.azure.*``), then azure.yaml.
+    Options: ``account_url=``, ``credential=`` (default: a shared key from
+    AZURE_BATCH_ACCOUNT / AZURE_BATCH_ACCESS_KEY, else ``DefaultAzureCredential()``),
+    ``vm_size=``, ``image=``, ``node_agent_sku_id=``, ``pool_id=`` (attach), ``keep_pool=``,
+    ``python=``, ``install=``, ``scheduler_host=``, ``scheduler_port=``, ``resize_timeout=``,
+    ``subnet_id=``, ``mpi=``, ``request_timeout=``, ``prices=cloudmap.NodePrices(...)``.
+    Each setting not given comes from Dask's configuration (``cloudmap.azure.*``), then
+    azure.yaml.
     """
 
     name = "azure"
     option_names = (*AzureSettings.names(), "credential", "prices", "client")
     supports_spot = True
     tls_by_default = True
+    default_nodes = 1  # one VM, not one per core of the client
+    start_timeout = 900.0  # VMs take minutes to allocate and boot
 
     def __init__(
         self,
@@ -332,6 +336,8 @@ class AzureBatchProvider(Provider):
             slots=self.spec.slots_per_node,
             since=since,
             start_task=info,
+            # Batch seeks its Spot target again when capacity returns.
+            restoring=state == "preempted",
         )
 
     def _start_task_output(self, node: Any) -> StartTaskInfo:
