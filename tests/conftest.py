@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
+#: Where this session's nodes keep their directories; Batch nodes' agents outlive the start
+#: task that began them (they are not this process's descendants) but run from under here.
+SESSION_TEMP = tempfile.gettempdir()
+
 
 def cloudmap_processes() -> list[psutil.Process]:
     """Node agents and slots started by this test process that are still alive."""
     found = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
+    mine = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
+    for process in psutil.process_iter():
         try:
-            if "cloudmap.node" in " ".join(child.cmdline()) and child.status() != "zombie":
-                found.append(child)
-        except psutil.NoSuchProcess:
+            line = " ".join(process.cmdline())
+            ours = process.pid in mine or f"{SESSION_TEMP}/pytest-of-" in line
+            if ours and "cloudmap.node" in line and process.status() != "zombie":
+                found.append(process)
+        except psutil.Error:
             continue
     return found
 

@@ -30,8 +30,9 @@ def break_node(pool: cloudmap.Pool, node_id: str) -> None:
         return
     from .. import conftest as session
 
+    root = str(pool.provider.root / node_id)  # type: ignore[union-attr]
     for process in session.cloudmap_processes():
-        if node_id in " ".join(process.cmdline()):
+        if root in " ".join(process.cmdline()):
             process.kill()
 
 
