@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -52,6 +53,20 @@ if TYPE_CHECKING:
 _READY = (NodeState.IDLE, NodeState.RUNNING)
 #: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
 START_TIMEOUT = 120.0
+
+
+class _HybridMethod:
+    """A method that does one thing on the class and another on an instance:
+    ``Pool.plan("azure", ...)`` plans a new pool, ``pool.plan()`` shows an existing one."""
+
+    def __init__(self, on_class: Callable[..., Any], on_instance: Callable[..., Any]) -> None:
+        self._on_class = on_class
+        self._on_instance = on_instance
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Callable[..., Any]:
+        if instance is None:
+            return self._on_class
+        return functools.partial(self._on_instance, instance)
 
 
 class Pool:
@@ -191,9 +206,8 @@ class Pool:
             _teardown(self._scaler, self.provider, self._cluster)
             raise
 
-    @classmethod
-    def plan(
-        cls,
+    @staticmethod
+    def _plan_new(
         provider: str = "local",
         *,
         nodes: int | None = None,
@@ -208,13 +222,7 @@ class Pool:
         storage_options: dict[str, Any] | None = None,
         **provider_options: Any,
     ) -> dict[str, Any]:
-        """What ``Pool(provider, ...)`` with these arguments would ask its provider for,
-        as JSON-ready data, without creating anything or needing credentials.
-
-        For Azure: the exact "add pool" body (``vmSize``, ``targetDedicatedNodes``,
-        ``targetLowPriorityNodes``, ``taskSlotsPerNode``, ``startTask``, ...) with secrets
-        replaced by a note. ``python -m cloudmap plan`` prints it.
-        """
+        """``cloudmap.Pool.plan(provider, ...)``: see :attr:`plan`."""
         provider_class = get_provider(provider)
         spec = _pool_spec(
             provider_class,
@@ -230,6 +238,20 @@ class Pool:
             storage_options=storage_options,
         )
         return provider_class.plan(spec, **provider_options)
+
+    def _plan_of_this_pool(self) -> dict[str, Any]:
+        """``pool.plan()``: what this pool asked its provider for (secrets hidden)."""
+        return self._provider().planned()
+
+    plan = _HybridMethod(_plan_new, _plan_of_this_pool)
+    """What a pool asks its provider for, as JSON-ready data, secrets hidden.
+
+    ``cloudmap.Pool.plan("azure", vm_size=..., nodes=2, ...)`` takes ``Pool``'s arguments
+    and creates nothing, needing no credentials; ``pool.plan()`` on a pool gives what it
+    asked for. For Azure: the exact "add pool" body (``vmSize``, ``targetDedicatedNodes``,
+    ``targetLowPriorityNodes``, ``taskSlotsPerNode``, ``startTask``, ...).
+    ``python -m cloudmap plan`` prints it.
+    """
 
     # -- lifetime -------------------------------------------------------------------------
 

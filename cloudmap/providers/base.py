@@ -133,6 +133,10 @@ class Provider(abc.ABC):
             "notes": [f"the {cls.name!r} provider sends no requests to a cloud"],
         }
 
+    def planned(self) -> dict[str, Any]:
+        """:meth:`plan` for this provider's own pool (``pool.plan()``)."""
+        return self.plan(self.spec)
+
     @classmethod
     def listen_address(cls, options: dict[str, Any]) -> tuple[str, int]:
         """Where the pool's scheduler listens so that this provider's nodes reach it

@@ -145,6 +145,10 @@ class AzureBatchProvider(Provider):
             ],
         }
 
+    def planned(self) -> dict[str, Any]:
+        settings = {name: getattr(self.settings, name) for name in AzureSettings.names()}
+        return self.plan(self.spec, **{**settings, "pool_id": self.pool_id})
+
     # -- life ------------------------------------------------------------------------
 
     def body(self, scheduler_address: str) -> dict[str, Any]:
