@@ -21,6 +21,7 @@ import json
 import mimetypes
 import re
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -171,6 +172,14 @@ class BatchServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a closing pool, a finished poller) is not an error;
+        anything else is printed as socketserver does."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
     def track(self, connection: socket.socket, open_: bool) -> None:
         with self._connections_lock:
