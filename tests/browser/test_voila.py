@@ -31,15 +31,29 @@ def chart_points(page: Any) -> list[str]:
     return points
 
 
+def wait_for_runs(page: Any, runs: int) -> None:
+    """Until the result line reports ``runs`` finished runs of the dashboard's map."""
+    page.wait_for_function(
+        "runs => { const r = document.querySelector('.cloudmap-dashboard-result');"
+        " return r && r.dataset.runs === String(runs); }",
+        arg=runs,
+        timeout=120_000,
+    )
+
+
+def wait_for_full_bar(page: Any) -> None:
+    page.wait_for_function(
+        "() => { const b = document.querySelector('.cloudmap-progress-bar');"
+        " return b && b.dataset.percent === '100.0 %'; }",
+        timeout=60_000,
+    )
+
+
 def test_dashboard_runs_as_a_voila_app(tmp_path: Path, page: Any) -> None:
     with voila(DASHBOARD, tmp_path) as server:
         page.goto(server.url, timeout=120_000)
         # The notebook's own cells ran: a first run, then volatility 0.30 set from code.
-        page.wait_for_function(
-            "() => { const r = document.querySelector('.cloudmap-dashboard-result');"
-            " return r && r.dataset.runs === '2'; }",
-            timeout=120_000,
-        )
+        wait_for_runs(page, 2)
         assert result_data(page)["volatility"] == "0.30"
         page.wait_for_function(
             "() => document.querySelectorAll('.cloudmap-pool-widget "
@@ -48,11 +62,7 @@ def test_dashboard_runs_as_a_voila_app(tmp_path: Path, page: Any) -> None:
             "td[data-current=\"dedicated\"]').textContent === '2'",
             timeout=60_000,
         )
-        page.wait_for_function(
-            "() => { const b = document.querySelector('.cloudmap-progress-bar');"
-            " return b && b.dataset.percent === '100.0 %'; }",
-            timeout=60_000,
-        )
+        wait_for_full_bar(page)
         before = chart_points(page)
         assert len(before) == 20, before
         shot(page, "voila-dashboard-start")
@@ -61,17 +71,9 @@ def test_dashboard_runs_as_a_voila_app(tmp_path: Path, page: Any) -> None:
         handle = page.locator(".widget-slider:has-text('volatility') .noUi-handle").first
         handle.focus()
         handle.press("ArrowRight")
-        page.wait_for_function(
-            "() => { const r = document.querySelector('.cloudmap-dashboard-result');"
-            " return r && r.dataset.runs === '3'; }",
-            timeout=120_000,
-        )
+        wait_for_runs(page, 3)
         assert result_data(page)["volatility"] == "0.35"
-        page.wait_for_function(
-            "() => { const b = document.querySelector('.cloudmap-progress-bar');"
-            " return b && b.dataset.percent === '100.0 %'; }",
-            timeout=60_000,
-        )
+        wait_for_full_bar(page)
         page.wait_for_timeout(800)  # the chart's 300 ms transition
         after = chart_points(page)
         assert len(after) == 20 and after != before, "the chart should be redrawn"
