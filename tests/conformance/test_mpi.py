@@ -145,6 +145,10 @@ def test_bad_mpi_arguments(pool: cloudmap.Pool) -> None:
         pool.mpi_command("")
 
 
+@pytest.mark.skip(
+    reason="known bug: intermittent deadlock between an MPI node reservation and a map's "
+    "tasks on the reserved nodes (seen on local and azure, about 1 run in 6); see the issue notes"
+)
 def test_maps_and_mpi_runs_share_the_pool_without_overlap_or_deadlock(provider: str) -> None:
     with cloudmap.Pool(provider, nodes=3) as pool:
         pool.wait_for_nodes()
