@@ -68,7 +68,8 @@ class DaskCluster:
             self._cluster, direct_to_workers=self.security is None, security=self.security
         )
         self._plugin = _PoolPlugin()
-        _shorten_batching_intervals(self.client, self._cluster.scheduler, self._plugin)
+        _shorten_batching_intervals(self.client)
+        self._plugin.attach(self._cluster.scheduler)
         self._timeouts: dict[str, bytes] = {}
         self._started: dict[str, set[str]] = {}
         self._events_lock = threading.Lock()
@@ -196,9 +197,7 @@ class DaskCluster:
         """Give a node's slots no new task and move the tasks queued on them elsewhere;
         the tasks they are running finish (or are lost when the node is killed)."""
         self._plugin.draining.add(node_id)
-        with self._events_lock:
-            started = {key: set(workers) for key, workers in self._started.items()}
-        self.client.run_on_scheduler(_drain_node, node_id, started)
+        self.client.run_on_scheduler(_drain_node, node_id)
 
     def undrain(self, node_id: str) -> None:
         """Let a drained node's slots take tasks again (an MPI run gave its nodes back)."""
@@ -223,9 +222,7 @@ class DaskCluster:
         make the one behind it wait for its whole run. Only tasks that have not started
         (no start event) are moved, so nothing runs twice.
         """
-        with self._events_lock:
-            started = {key: set(workers) for key, workers in self._started.items()}
-        return int(self.client.run_on_scheduler(_rebalance, started))
+        return int(self.client.run_on_scheduler(_rebalance))
 
     def work_counts(self) -> tuple[int, int]:
         """(tasks running, tasks waiting for a slot) on the scheduler now."""
@@ -321,21 +318,22 @@ class DaskCluster:
 BATCH_INTERVAL = 0.001
 
 
-def _shorten_batching_intervals(
-    client: Client, scheduler: Scheduler | None, plugin: _PoolPlugin
-) -> None:
-    """Lower Dask's message batching delays (private attributes, so only where present)."""
+def _shorten_batching_intervals(client: Client) -> None:
+    """Lower Dask's client batching delay (a private attribute, so only where present)."""
     stream = getattr(client, "scheduler_comm", None)
     if stream is not None and hasattr(stream, "interval"):
         stream.interval = BATCH_INTERVAL
-    if scheduler is not None and hasattr(scheduler, "add_plugin"):
-        scheduler.add_plugin(plugin)
 
 
 class _PoolPlugin(SchedulerPlugin):
-    """As each slot joins: apply BATCH_INTERVAL to its stream, drain it at once if its node
-    is draining (a slot restarted on a node under preemption notice), and forget that its
-    address belonged to an evicted slot (ports are reused)."""
+    """cloudmap's part of the scheduler, on its event loop in the client's process.
+
+    As each slot joins: apply BATCH_INTERVAL to its stream, drain it at once if its node is
+    draining (a slot restarted on a node under preemption notice), and forget that its
+    address belonged to an evicted slot (ports are reused). It also knows which tasks have
+    begun where (``began``), and keeps the statuses cloudmap gives slots from being undone
+    by stale reports (``screen_status_reports``).
+    """
 
     name = "cloudmap-pool"
 
@@ -343,15 +341,91 @@ class _PoolPlugin(SchedulerPlugin):
         # Both are changed from the client's threads too; single set operations are atomic.
         self.draining: set[str] = set()  # node ids
         self.evicted: set[str] = set()  # addresses of slots killed with their node
+        # Only touched on the scheduler's event loop:
+        # slot address -> the status cloudmap told it and it has not yet confirmed;
+        self.told: dict[str, Status] = {}
+        # task key -> (slot address, run id) of its current assignment, once that began.
+        self.began: dict[str, tuple[str, int]] = {}
+        self._scheduler: Scheduler | None = None
+
+    def attach(self, scheduler: Scheduler | None) -> None:
+        if scheduler is None or not hasattr(scheduler, "add_plugin"):
+            return
+        self._scheduler = scheduler
+        scheduler.add_plugin(self)
+        self.screen_status_reports(scheduler)
+
+    def has_begun(self, ts: Any, ws: Any) -> bool:
+        """Whether this task, as now assigned to this slot, has started running there.
+
+        Rescheduling a task that has begun would run it twice; one that has not is safe to
+        move. The record is the scheduler's, kept in order with the slot's other messages
+        and tied to Dask's run id of the assignment: a task moved off a slot and later
+        given back to it has not begun again until its new start is reported.
+        """
+        return self.began.get(str(ts.key)) == (ws.address, ts.run_id)
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != STARTED_TOPIC or self._scheduler is None or not isinstance(msg, dict):
+            return
+        key, worker, run_id = str(msg.get("key")), str(msg.get("worker")), msg.get("run_id")
+        ts = self._scheduler.tasks.get(key)
+        if (
+            isinstance(run_id, int)
+            and ts is not None
+            and ts.state == "processing"
+            and ts.processing_on is not None
+            and ts.processing_on.address == worker
+            and ts.run_id == run_id
+        ):
+            self.began[key] = (worker, run_id)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start == "processing":
+            self.began.pop(str(key), None)
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self.evicted.discard(worker)
+        self.told.pop(worker, None)
         stream = getattr(scheduler, "stream_comms", {}).get(worker)
         if stream is not None and hasattr(stream, "interval"):
             stream.interval = BATCH_INTERVAL
         ws = scheduler.workers.get(worker)
         if ws is not None and node_of(ws.name) in self.draining:
-            _close_gracefully(scheduler, ws)
+            _set_slot_status(scheduler, ws, Status.closing_gracefully)
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self.told.pop(worker, None)
+
+    def screen_status_reports(self, scheduler: Scheduler) -> None:
+        """Put a filter in front of the scheduler's handler of slots' status reports.
+
+        A slot reports every status it takes, including the ones the scheduler told it to
+        take. When an MPI run gives nodes back and the next run takes the same nodes at
+        once, the slot's report of "running" (from the release) reaches the scheduler after
+        the scheduler has drained it again; Dask would then believe it, hand it queued map
+        tasks, and the slot, paused by the drain that follows, would never run them: the
+        next run waited forever for those nodes to go quiet. So once cloudmap tells a slot
+        a status, the slot's reports are dropped until it confirms that status (the slot
+        handles messages in order, so everything it said before is stale), and a slot of a
+        draining node that leaves a pause of its own is told to stay drained.
+        """
+        handle = scheduler.stream_handlers["worker-status-change"]
+
+        def screened(status: str, worker: str, stimulus_id: str, **extra: Any) -> None:
+            told = self.told.get(worker)
+            if told is not None:
+                if Status[status] == told:
+                    del self.told[worker]
+                return
+            ws = scheduler.workers.get(worker)
+            reported = Status[status]
+            if ws is not None and reported == Status.running and node_of(ws.name) in self.draining:
+                _set_slot_status(scheduler, ws, Status.closing_gracefully)
+                return
+            handle(status=status, worker=worker, stimulus_id=stimulus_id, **extra)
+
+        scheduler.stream_handlers["worker-status-change"] = screened
 
 
 class SlotRef(NamedTuple):
@@ -382,23 +456,25 @@ def _node_workers(node_id: str, dask_scheduler: Scheduler) -> list[str]:
     return [ws.address for ws in dask_scheduler.workers.values() if node_of(ws.name) == node_id]
 
 
-def _drain_node(node_id: str, started: dict[str, set[str]], dask_scheduler: Scheduler) -> None:
+def _drain_node(node_id: str, dask_scheduler: Scheduler) -> None:
     """Stop new work reaching a node's slots; send tasks not yet begun there elsewhere.
 
     The slots are put in Dask's ``closing_gracefully`` status (as ``retire_workers`` does),
     which keeps the scheduler from choosing them and the workers from starting queued tasks.
     """
+    plugin = _plugin_of(dask_scheduler)
     for ws in list(dask_scheduler.workers.values()):
         if node_of(ws.name) != node_id:
             continue
-        _close_gracefully(dask_scheduler, ws)
+        _set_slot_status(dask_scheduler, ws, Status.closing_gracefully)
         stimulus = f"cloudmap-drain-{time.time()}"
         for ts in list(ws.processing):
-            if ws.address not in started.get(str(ts.key), ()):
+            if not plugin.has_begun(ts, ws):
                 dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
 
 
-def _rebalance(started: dict[str, set[str]], dask_scheduler: Scheduler) -> int:
+def _rebalance(dask_scheduler: Scheduler) -> int:
+    plugin = _plugin_of(dask_scheduler)
     idle = sum(1 for ws in dask_scheduler.running if not ws.processing)
     moved = 0
     stimulus = f"cloudmap-rebalance-{time.time()}"
@@ -410,7 +486,7 @@ def _rebalance(started: dict[str, set[str]], dask_scheduler: Scheduler) -> int:
         for ts in list(ws.processing):
             if moved >= idle or len(ws.processing) <= ws.nthreads:
                 break
-            if ws.address not in started.get(str(ts.key), ()):
+            if not plugin.has_begun(ts, ws):
                 dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
                 moved += 1
     return moved
@@ -424,26 +500,28 @@ def _nodes_quiet(node_ids: list[str], dask_scheduler: Scheduler) -> bool:
 
 
 def _undrain_node(node_id: str, dask_scheduler: Scheduler) -> None:
-    stimulus = f"cloudmap-undrain-{time.time()}"
     for ws in list(dask_scheduler.workers.values()):
-        if node_of(ws.name) != node_id or ws.status != Status.closing_gracefully:
-            continue
-        dask_scheduler.handle_worker_status_change(Status.running, ws, stimulus)
-        stream = dask_scheduler.stream_comms.get(ws.address)
-        if stream is not None:
-            stream.send(
-                {"op": "worker-status-change", "status": "running", "stimulus_id": stimulus}
-            )
+        if node_of(ws.name) == node_id and ws.status == Status.closing_gracefully:
+            _set_slot_status(dask_scheduler, ws, Status.running)
 
 
-def _close_gracefully(dask_scheduler: Scheduler, ws: Any) -> None:
-    stimulus = f"cloudmap-drain-{time.time()}"
-    dask_scheduler.handle_worker_status_change(Status.closing_gracefully, ws, stimulus)
+def _set_slot_status(dask_scheduler: Scheduler, ws: Any, status: Status) -> None:
+    """Set a slot's status on the scheduler at once (so no task is chosen for a slot being
+    drained while the message travels, as ``retire_workers`` does) and tell the slot,
+    which pauses or resumes its queue. Its reports are screened until it confirms."""
+    stimulus = f"cloudmap-{status.name}-{time.time()}"
     stream = dask_scheduler.stream_comms.get(ws.address)
     if stream is not None:
-        stream.send(
-            {"op": "worker-status-change", "status": "closing_gracefully", "stimulus_id": stimulus}
-        )
+        _plugin_of(dask_scheduler).told[ws.address] = status
+    dask_scheduler.handle_worker_status_change(status, ws, stimulus)
+    if stream is not None:
+        stream.send({"op": "worker-status-change", "status": status.name, "stimulus_id": stimulus})
+
+
+def _plugin_of(dask_scheduler: Scheduler) -> _PoolPlugin:
+    plugin = dask_scheduler.plugins[_PoolPlugin.name]
+    assert isinstance(plugin, _PoolPlugin)
+    return plugin
 
 
 def _work_counts(dask_scheduler: Scheduler) -> tuple[int, int]:

@@ -65,7 +65,10 @@ def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
     context = _TaskContext.current()
     # Before any user code can end the process, the scheduler must know that this task
     # started here (and that the previous one finished): see _TaskContext.send_now.
-    context.send_now(STARTED_TOPIC, {"key": str(context.key), "worker": context.address})
+    context.send_now(
+        STARTED_TOPIC,
+        {"key": str(context.key), "worker": context.address, "run_id": context.run_id()},
+    )
     try:
         fn = load_function(fn_blob)
     except BaseException as exc:  # the function's module may be missing on the node
@@ -182,6 +185,15 @@ class _TaskContext:
             return cls(get_worker(), getattr(thread_state, "key", None))
         except (ImportError, ValueError):
             return cls(None, None)  # called outside a Dask worker (unit tests, debugging)
+
+    def run_id(self) -> int | None:
+        """Dask's id of this assignment of the task to this slot (a task moved away and
+        given back gets a new one), so a late report of an earlier start is not mistaken
+        for this one."""
+        if self._worker is None or self.key is None:
+            return None
+        task = self._worker.state.tasks.get(self.key)
+        return None if task is None else int(task.run_id)
 
     def cancelled(self) -> bool:
         """True once the client has cancelled this task (the slot then stops early)."""

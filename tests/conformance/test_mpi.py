@@ -22,15 +22,6 @@ from .conftest import preempt
 pytest.importorskip("mpi4py", reason="the cloudmap[mpi] extra is installed by make test")
 
 
-@pytest.fixture(autouse=True)
-def _mpi_runs_on_one_machine(provider: str) -> None:
-    """MPI across Azure VMs is not built (runs across hosts are refused), and on the Batch
-    emulator one run of the shared-pool test hung intermittently (about 1 in 6, not yet
-    diagnosed): until that is understood, the MPI suite runs on the local provider only."""
-    if provider == "azure":
-        pytest.skip("MPI on the Azure provider: not supported across VMs; emulator hang open")
-
-
 def _ranks_left(marker: str = "cloudmap.node.mpi") -> list[psutil.Process]:
     """Processes of MPI runs started by this test process (not by other programs)."""
     found = []
@@ -145,10 +136,6 @@ def test_bad_mpi_arguments(pool: cloudmap.Pool) -> None:
         pool.mpi_command("")
 
 
-@pytest.mark.skip(
-    reason="known bug: intermittent deadlock between an MPI node reservation and a map's "
-    "tasks on the reserved nodes (seen on local and azure, about 1 run in 6); see the issue notes"
-)
 def test_maps_and_mpi_runs_share_the_pool_without_overlap_or_deadlock(provider: str) -> None:
     with cloudmap.Pool(provider, nodes=3) as pool:
         pool.wait_for_nodes()
