@@ -159,6 +159,21 @@ def test_a_wrong_key_is_a_clear_error_and_leaves_nothing(batch: BatchEmulator) -
     assert list(batch.client().list_pools()) == []
 
 
+def test_a_node_running_another_cloudmap_refuses_to_start_and_says_why(
+    batch: BatchEmulator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client claims another version; the nodes run this checkout's own cloudmap.
+    monkeypatch.setattr(cloudmap, "__version__", "0.0.0+elsewhere")
+    with pytest.raises(cloudmap.PoolStartError) as raised:
+        cloudmap.Pool("azure", nodes=1, start_timeout=60, **options(batch))
+    message = str(raised.value)
+    assert "the client runs cloudmap 0.0.0+elsewhere (node: " in message, message
+    assert "install=" in message
+    assert list(batch.client().list_pools()) == []
+    # Reading start task files that do not exist (404) leaves no SDK tracebacks behind.
+    assert "deserialization error" not in caplog.text
+
+
 def test_a_kept_pool_is_found_attached_to_and_deleted_by_the_pools_command(
     batch: BatchEmulator,
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cloudmap.node import compat
 from cloudmap.nodes import NodeState, merged_state, node_of, slot_name
 
 
@@ -28,3 +29,19 @@ def test_slot_names_round_trip() -> None:
 )
 def test_merged_state(provider_state: str, joined: int, busy: int, expected: NodeState) -> None:
     assert merged_state(provider_state, joined, busy) is expected
+
+
+def test_a_node_matching_the_client_has_no_objection() -> None:
+    assert compat.mismatch(compat.versions()) is None
+
+
+def test_a_node_names_every_version_that_differs_and_the_way_out() -> None:
+    here = compat.versions()
+    reason = compat.mismatch({"python": "2.7", "cloudmap": here["cloudmap"]})
+    assert reason is not None
+    assert f"python 2.7 (node: {here['python']})" in reason
+    assert reason.count("(node: ") == 1  # the matching cloudmap is not named
+    reason = compat.mismatch({"python": "2.7", "cloudmap": "9.9"})
+    assert reason is not None
+    assert "python 2.7" in reason and f"cloudmap 9.9 (node: {here['cloudmap']})" in reason
+    assert "install=" in reason

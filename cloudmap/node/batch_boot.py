@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import start_task
+from . import compat, start_task
 from .agent import NodeConfig
 from .layout import CONFIG_FILE, NodeLayout
 
@@ -34,6 +34,10 @@ def main() -> int:
         print(f"[cloudmap] {CONFIG_VARIABLE} is not set: not a cloudmap pool?", file=sys.stderr)
         return AGENT_FAILED
     settings = json.loads(base64.b64decode(encoded))
+    refusal = compat.mismatch(settings.pop("client_versions", {}))
+    if refusal:
+        print(f"[cloudmap] {refusal}", file=sys.stderr)
+        return AGENT_FAILED
     root = Path(os.environ["AZ_BATCH_NODE_ROOT_DIR"]) / "cloudmap"
     root.mkdir(parents=True, exist_ok=True)
     layout = NodeLayout(root)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ... import __version__
 from ...autoscale import Autoscale
+from ...node import compat
 from ...node import start_task as start_task_pickle
 from ..base import PoolSpec
 from .settings import AzureSettings
@@ -66,6 +67,7 @@ def node_config(spec: PoolSpec, scheduler: str, tls: dict[str, str], pool_id: st
         "packages": list(spec.packages),
         "storage_options": dict(spec.storage_options),
         "tls": dict(tls),
+        "client_versions": compat.versions(),  # a node that differs refuses to start
     }
     return base64.b64encode(json.dumps(config).encode()).decode()
 

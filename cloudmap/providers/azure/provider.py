@@ -32,6 +32,20 @@ from .states import provider_state
 
 logger = logging.getLogger(__name__)
 
+
+class _UnreadErrorBodyNoise(logging.Filter):
+    """Drop the SDK's warning, with a traceback, that it could not parse the error body of
+    a failed file download: the download's response is streamed and its body never read,
+    so every 404 of a start task output file that does not exist (an expected case,
+    handled in ``_download``) printed two tracebacks into the user's notebook. The error
+    itself is still raised."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Ran into a deserialization error")
+
+
+logging.getLogger("azure.batch._utils.model_base").addFilter(_UnreadErrorBodyNoise())
+
 #: The Batch REST API version the SDK speaks (azure-batch 15.x).
 API_VERSION = "2025-06-01"
 #: The node agent's root under a Batch node's root directory (see cloudmap.node.batch_boot).
