@@ -46,6 +46,7 @@ class ProviderNode:
     ``state`` is one of creating, starting, ready (slots launched), start_failed, leaving,
     preempted or unusable: the provider cannot know whether slots are idle or running.
     ``restoring`` marks a preempted node that the provider will bring back, as Batch does.
+    ``reason`` says why a node is unusable, when its agent could tell.
     """
 
     id: str
@@ -55,6 +56,7 @@ class ProviderNode:
     since: datetime
     start_task: StartTaskInfo | None = None
     restoring: bool = False
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,11 @@ if TYPE_CHECKING:
     from .widgets.pool_widget import PoolWidget
 
 _READY = (NodeState.IDLE, NodeState.RUNNING)
+#: Seconds a node that has served may be without any slot (its agent restarts slots that
+#: die within a few seconds) before it counts as unusable. Local nodes whose agent exits
+#: are unusable at once; a Batch node stays "idle" to Batch whatever became of cloudmap on
+#: it, so this is how the pool learns that such a VM no longer serves.
+SLOTS_LOST_GRACE = 20.0
 #: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
 START_TIMEOUT = 120.0
 
@@ -162,6 +167,7 @@ class Pool:
         self._closed = False
         self._close_lock = threading.Lock()
         self._seen: dict[str, tuple[NodeState, datetime]] = {}
+        self._served: set[str] = set()  # nodes whose slots have joined at some time
         self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
         self._widget: PoolWidget | None = None
         self._widget_lock = threading.Lock()
@@ -429,8 +435,7 @@ class Pool:
         policy = self._scaling().policy
         if policy is not None:
             return policy.max_nodes
-        nodes = self._provider().list_nodes()
-        return sum(1 for n in nodes if n.state not in FINAL_STATES or n.restoring)
+        return sum(1 for n in self.nodes() if n.state not in FINAL_STATES or n.restoring)
 
     # -- Dask ------------------------------------------------------------------------------
 
@@ -483,7 +488,17 @@ class Pool:
             since = node.since
             if node.state == "ready" or node.id in leaving:  # the pool's own observation time
                 previous = self._seen.get(node.id)
+                if previous and previous[0] == NodeState.UNUSABLE and state == NodeState.STARTING:
+                    state = NodeState.UNUSABLE  # its slots were lost for good
                 since = previous[1] if previous and previous[0] == state else now
+            if state in _READY:
+                self._served.add(node.id)
+            elif (
+                state == NodeState.STARTING
+                and node.id in self._served
+                and (now - since).total_seconds() > SLOTS_LOST_GRACE
+            ):
+                state, since = NodeState.UNUSABLE, now  # it served, and its slots are gone
             self._seen[node.id] = (state, since)
             infos.append(
                 NodeInfo(
@@ -524,11 +539,11 @@ class Pool:
 
     def _slots(self) -> int:
         """Slots to plan batches for: connected ones, or those on the way while nodes start."""
-        provider = self._provider()
+        self._provider()
         connected = self._cluster.slot_count()
         if connected:
             return connected
-        nodes = provider.list_nodes()
+        nodes = self.nodes()  # as the pool sees them: a node that lost its slots is unusable
         coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES or n.restoring)
         scaler = self._scaling()
         policy = scaler.policy
@@ -1164,6 +1179,8 @@ def _start_failure_message(nodes: list[Any], spec: PoolSpec) -> str:
             if tail:
                 message += f"\n--- {stream} (end) ---\n{tail}"
         message += f"\nFix the {step} and create the pool again."
+    elif first.reason:
+        message += f" {first.id}: {first.reason}\nThe pool was removed."
     else:
         message += " Check the node logs; the pool was removed."
     return message

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
-#: Where this session's nodes keep their directories; Batch nodes' agents outlive the start
-#: task that began them (they are not this process's descendants) but run from under here.
-SESSION_TEMP = tempfile.gettempdir()
+#: This session's pytest temporary directory, once known. Batch nodes' agents outlive the
+#: start task that began them (they are not this process's descendants) but run from under
+#: it. Not any "pytest-of-" directory: another test session on the machine (a second
+#: checkout) has its own, and its nodes are not this session's to count or kill.
+SESSION_TEMP: list[str] = []
 
 
 def cloudmap_processes() -> list[psutil.Process]:
-    """Node agents and slots started by this test process that are still alive."""
+    """Node agents and slots started by this test session that are still alive."""
     found = []
     mine = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
     for process in psutil.process_iter():
         try:
             line = " ".join(process.cmdline())
-            ours = process.pid in mine or f"{SESSION_TEMP}/pytest-of-" in line
+            ours = process.pid in mine or any(f"{temp}/" in line for temp in SESSION_TEMP)
             if ours and "cloudmap.node" in line and process.status() != "zombie":
                 found.append(process)
         except psutil.Error:
@@ -30,7 +31,8 @@ def cloudmap_processes() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_processes_left_behind() -> Iterator[None]:
+def no_processes_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    SESSION_TEMP.append(str(tmp_path_factory.getbasetemp()))
     yield
     leftovers = cloudmap_processes()
     for process in leftovers:

@@ -20,12 +20,14 @@ from typing import Any
 
 from ..nodes import slot_name
 from . import provision
-from .layout import CONFIG_FILE, NodeLayout
-from .slot import JOINED_MARKER, TLS_DIR_VARIABLE
+from .layout import CONFIG_FILE, JOINED_MARKER, NodeLayout
+from .slot import TLS_DIR_VARIABLE
 
 #: A slot that fails this many times to join within RESTART_WINDOW seconds makes the node
 #: unusable. Slots that die after joining (a task crashed or overran) are always restarted.
 MAX_QUICK_RESTARTS = 5
+#: Characters of a failing slot's log kept in the node's reason for being unusable.
+LOG_TAIL = 1000
 RESTART_WINDOW = 30.0
 #: Grace given to slot processes between SIGTERM and SIGKILL when the node stops.
 STOP_GRACE = 3.0
@@ -203,14 +205,16 @@ class NodeAgent:
             for slot, process in list(self._slots.items()):
                 if process.poll() is None:
                     continue
-                if not (self.layout.slots / f"slot-{slot}" / JOINED_MARKER).exists():
+                if not self.layout.slot_joined(slot):
                     now = time.monotonic()
                     recent = [t for t in self._restarts.get(slot, []) if now - t < RESTART_WINDOW]
                     if len(recent) >= MAX_QUICK_RESTARTS:
+                        log = self.layout.slots / f"slot-{slot}.log"
+                        tail = log.read_text(errors="replace")[-LOG_TAIL:].strip()
                         self.layout.write_state(
                             "unusable",
-                            reason=f"slot {slot} failed to start {len(recent) + 1} times; "
-                            f"see slots/slot-{slot}.log",
+                            reason=f"slot {slot} failed to start {len(recent) + 1} times; the "
+                            f"end of slots/slot-{slot}.log:\n{tail}",
                         )
                         return "unusable"
                     self._restarts[slot] = [*recent, now]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import compat, start_task
 from .agent import NodeConfig
@@ -26,6 +27,9 @@ from .layout import CONFIG_FILE, NodeLayout
 CONFIG_VARIABLE = "CLOUDMAP_NODE_CONFIG"
 #: Exit code when the agent itself failed (not the user's start task).
 AGENT_FAILED = 91
+#: Seconds the slots have to join the scheduler once started (Dask's own connection
+#: attempts give up after 60 s, and the agent then starts the slot again).
+JOIN_TIMEOUT = 150.0
 
 
 def main() -> int:
@@ -57,26 +61,66 @@ def main() -> int:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    while True:
-        state = layout.read_state() or {}
-        if state.get("state") in ("ready", "start_failed", "unusable"):
-            break
-        if agent.poll() is not None:
-            print(f"[cloudmap] the node agent exited with {agent.returncode}", file=sys.stderr)
-            sys.stderr.write((root / "agent.log").read_text(errors="replace")[-4000:])
-            return AGENT_FAILED
-        time.sleep(0.1)
+    state, problem = _wait_for_slots(layout, agent, int(settings["slots"]))
     stdout, stderr = layout.read_start_task_output()
     sys.stdout.write(stdout)
     sys.stderr.write(stderr)
-    if state["state"] == "ready":
+    if problem is None:
         scheduler = settings["scheduler"]
-        message = f"[cloudmap] node agent running (pid {agent.pid}), slots joining {scheduler}"
+        message = f"[cloudmap] node agent running (pid {agent.pid}), slots joined {scheduler}"
         print(message, file=sys.stderr)  # stdout stays the user's start task's own
         return 0
+    if agent.poll() is None:
+        agent.terminate()  # the node is not usable: nothing of cloudmap's stays on it
+    problem = f"[cloudmap] the node could not start: {problem}\n"
+    sys.stderr.write(problem)
+    # The provider shows the node's own start task output first: say it there too.
+    with (layout.startup / "stderr.txt").open("a") as own:
+        own.write(problem)
     code = state.get("start_task_exit_code")
-    print(f"[cloudmap] the node could not start: {state}", file=sys.stderr)
     return int(code) if isinstance(code, int) and code > 0 else AGENT_FAILED
+
+
+def _wait_for_slots(
+    layout: NodeLayout, agent: subprocess.Popen[bytes], slots: int
+) -> tuple[dict[str, Any], str | None]:
+    """Wait until every slot has joined the scheduler once; return the agent's last state
+    and, if the node cannot serve, why.
+
+    The start task ends only then, so that a node whose slots cannot start (a broken
+    environment) or cannot reach the scheduler (networking) shows in Batch as
+    ``starttaskfailed``, with the reason in its output, rather than as an idle VM that
+    never serves and is billed until someone looks.
+    """
+    joined: set[int] = set()
+    ready_since: float | None = None
+    while True:
+        state = layout.read_state() or {}
+        name = state.get("state")
+        if name == "start_failed":
+            return state, "its start task or node setup failed"
+        if name == "unusable":
+            return state, str(state.get("reason", "the node agent found it unusable"))
+        if name == "ready":
+            ready_since = ready_since or time.monotonic()
+            joined |= {n for n in range(slots) if layout.slot_joined(n)}
+            if len(joined) == slots:
+                return state, None
+            if time.monotonic() - ready_since > JOIN_TIMEOUT:
+                return state, _not_joined(layout, slots - len(joined), slots)
+        if agent.poll() is not None:
+            log = (layout.root / "agent.log").read_text(errors="replace")[-4000:]
+            return state, f"the node agent exited with {agent.returncode}:\n{log}"
+        time.sleep(0.1)
+
+
+def _not_joined(layout: NodeLayout, missing: int, slots: int) -> str:
+    tail = (layout.slots / "slot-0.log").read_text(errors="replace")[-1000:].strip()
+    return (
+        f"{missing} of {slots} slots did not join the scheduler within {JOIN_TIMEOUT:g} s. "
+        "The nodes must reach the client's scheduler (its address, port and firewall; "
+        f"see cloudmap's Azure guide, networking). The end of slots/slot-0.log:\n{tail}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from typing import Any
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "node.json"
+#: Left in ``slots/slot-<n>/`` by a slot once it has joined the scheduler.
+JOINED_MARKER = "joined"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class NodeLayout:
     @property
     def slots(self) -> Path:
         return self.root / "slots"
+
+    def slot_joined(self, slot: int) -> bool:
+        """Whether slot number ``slot`` has joined the scheduler since it last started."""
+        return (self.slots / f"slot-{slot}" / JOINED_MARKER).exists()
 
     def make(self) -> None:
         for directory in (self.shared, self.startup, self.tasks, self.slots):

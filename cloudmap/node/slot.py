@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .layout import JOINED_MARKER
+
 if TYPE_CHECKING:
     from distributed import Security
 
-JOINED_MARKER = "joined"
 #: Where the agent put the pool's certificates when the scheduler speaks TLS only.
 TLS_DIR_VARIABLE = "CLOUDMAP_TLS_DIR"
 

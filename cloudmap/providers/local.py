@@ -212,6 +212,7 @@ class LocalProvider(Provider):
             since=datetime.fromtimestamp(record["since"], tz=timezone.utc),
             start_task=start_task,
             restoring=state == "preempted" and self.restore_after is not None,
+            reason=record.get("reason") if state == "unusable" else None,
         )
 
     def remove_nodes(self, node_ids: Sequence[str]) -> None:

@@ -28,9 +28,19 @@ def break_node(pool: cloudmap.Pool, node_id: str) -> None:
     if pool.provider is not None and pool.provider.name == "azure":
         EMULATORS["azure"].break_node(pool.provider.pool_id, node_id)  # type: ignore[attr-defined]
         return
+    kill_cloudmap_on(pool, node_id)
+
+
+def kill_cloudmap_on(pool: cloudmap.Pool, node_id: str) -> None:
+    """Kill cloudmap's processes on a node (its agent and slots), and only those: a Batch
+    node stays "idle" to Batch, as a VM whose agent was killed (out of memory) would."""
     from .. import conftest as session
 
-    root = str(pool.provider.root / node_id)  # type: ignore[union-attr]
+    if pool.provider is not None and pool.provider.name == "azure":
+        emulator = EMULATORS["azure"]
+        root = str(emulator.node_dir(pool.provider.pool_id, node_id))  # type: ignore[attr-defined]
+    else:
+        root = str(pool.provider.root / node_id)  # type: ignore[union-attr]
     for process in session.cloudmap_processes():
         if root in " ".join(process.cmdline()):
             process.kill()

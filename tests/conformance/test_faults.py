@@ -14,9 +14,10 @@ import psutil
 import pytest
 
 import cloudmap
+from cloudmap.pool import SLOTS_LOST_GRACE
 
 from . import tasks
-from .conftest import break_node
+from .conftest import break_node, kill_cloudmap_on
 
 
 @pytest.fixture
@@ -105,6 +106,35 @@ def test_a_map_on_a_pool_whose_every_node_died_fails_instead_of_hanging(provider
         timer.cancel()
         assert time.monotonic() - started < 30
         assert [n.state for n in pool.nodes()] == [cloudmap.NodeState.UNUSABLE]
+
+
+def test_a_node_whose_cloudmap_died_while_its_vm_lives_is_unusable_and_skipped(
+    provider: str,
+) -> None:
+    # Batch keeps calling such a node idle: the pool must see by itself that it no longer
+    # serves, or a map (or an MPI run counting on it) would wait for it forever.
+    within = SLOTS_LOST_GRACE + 15
+    with cloudmap.Pool(provider, nodes=2) as pool:
+        pool.wait_for_nodes()
+        first, second = (n.id for n in pool.nodes())
+        kill_cloudmap_on(pool, first)
+        assert _becomes(pool, first, cloudmap.NodeState.UNUSABLE, within), pool.nodes()
+        assert pool.map(tasks.square, range(6)) == [0, 1, 4, 9, 16, 25]
+        kill_cloudmap_on(pool, second)
+        started = time.monotonic()
+        with pytest.raises(cloudmap.NoNodesError, match="no usable nodes"):
+            pool.map(tasks.square, range(6))
+        assert time.monotonic() - started < within
+        assert {n.state for n in pool.nodes()} == {cloudmap.NodeState.UNUSABLE}
+
+
+def _becomes(pool: cloudmap.Pool, node_id: str, state: cloudmap.NodeState, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if any(n.id == node_id and n.state == state for n in pool.nodes()):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_items_queued_behind_a_crash_are_never_charged_for_it(provider: str) -> None:

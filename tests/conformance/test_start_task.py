@@ -17,6 +17,9 @@ def test_shell_start_task_runs_before_slots_join(provider: str) -> None:
     command = 'echo "from shell" > "$CLOUDMAP_NODE_SHARED_DIR/marker"; echo hello from $GREETING'
     with cloudmap.Pool(provider, nodes=1, start_task=command, env={"GREETING": "env"}) as pool:
         assert pool.map(tasks.read_shared, ["marker"]) == ["from shell"]
+        # On Batch the slots join while the start task still waits for them; the node is
+        # idle, with its start task's record, a moment later.
+        pool.wait_for_nodes()
         (node,) = pool.nodes()
         assert node.start_task is not None
         assert node.start_task.exit_code == 0
@@ -40,6 +43,20 @@ def test_failing_start_task_raises_with_its_output_and_leaves_nothing(provider: 
         assert node.state == "start_failed"
         assert node.start_task.exit_code == 3
         assert "cannot install" in node.start_task.stderr
+    assert session.cloudmap_processes() == []
+
+
+def test_a_node_whose_slots_cannot_start_raises_with_their_log_and_leaves_nothing(
+    provider: str, tmp_path: Path
+) -> None:
+    # A broken environment on the node: its slots (Dask workers) die on import, again and
+    # again. The pool must say so at once, quoting the slot's log, not wait start_timeout.
+    broken = tmp_path / "broken" / "distributed"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('distributed is broken here')\n")
+    with pytest.raises(cloudmap.PoolStartError, match="distributed is broken here") as caught:
+        cloudmap.Pool(provider, nodes=1, env={"PYTHONPATH": str(broken.parent)})
+    assert "slot 0 failed to start" in str(caught.value)
     assert session.cloudmap_processes() == []
 
 
