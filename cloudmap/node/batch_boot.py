@@ -74,9 +74,11 @@ def main() -> int:
         agent.terminate()  # the node is not usable: nothing of cloudmap's stays on it
     problem = f"[cloudmap] the node could not start: {problem}\n"
     sys.stderr.write(problem)
-    # The provider shows the node's own start task output first: say it there too.
-    with (layout.startup / "stderr.txt").open("a") as own:
-        own.write(problem)
+    if state.get("state") != "start_failed":
+        # A reason of cloudmap's own, which the start task's output (shown first by the
+        # provider) does not hold: add it there.
+        with (layout.startup / "stderr.txt").open("a") as own:
+            own.write(problem)
     code = state.get("start_task_exit_code")
     return int(code) if isinstance(code, int) and code > 0 else AGENT_FAILED
 
