@@ -413,6 +413,14 @@ class Pool:
             done=self._cluster.finished_tasks,
         )
 
+    def allocation_errors(self) -> list[str]:
+        """Why the pool is short of its targets, in the provider's words, e.g. Batch's
+        ``AccountCoreQuotaReached: ...`` when the account's core quota stops a resize.
+        Empty when the pool holds its targets, or nothing is known to stand in the way.
+        Looked at every few seconds while the pool is short, and logged once as a warning.
+        """
+        return self._scaling().allocation_errors()
+
     def scaling_history(self) -> list[ScalingSample]:
         """The pool over time: targets and node counts by kind, nodes by state, tasks queued
         and running, as :class:`~cloudmap.ScalingSample` objects, oldest first.

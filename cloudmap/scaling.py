@@ -33,6 +33,8 @@ DEALLOCATION_CHOICES = ("requeue", "taskcompletion")
 HISTORY_LENGTH = 3600
 #: Seconds between samples without autoscale (with it: the policy's ``interval``).
 SAMPLE_INTERVAL = 1.0
+#: Seconds between asking the provider why the pool is short of its targets, while it is.
+ALLOCATION_CHECK = 5.0
 #: Seconds between checks while nodes are waiting for their tasks to finish before leaving.
 DEPARTURE_CHECK = 0.2
 
@@ -132,6 +134,8 @@ class Scaler:
         self._last_scale_up: float | None = None
         self._reason = ""
         self._history: deque[ScalingSample] = deque(maxlen=HISTORY_LENGTH)
+        self._allocation_errors: list[str] = []
+        self._allocation_checked = -ALLOCATION_CHECK
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -155,6 +159,12 @@ class Scaler:
         """Nodes the pool is removing once their running tasks finish."""
         with self._lock:
             return frozenset(self._leaving)
+
+    def allocation_errors(self) -> list[str]:
+        """Why the provider could not bring the pool to its targets, as last looked at
+        (empty while the targets are met or nothing is known to stand in the way)."""
+        with self._lock:
+            return list(self._allocation_errors)
 
     def history(self) -> list[ScalingSample]:
         """One sample per evaluation: every interval, and at once after a resize, a policy
@@ -221,6 +231,7 @@ class Scaler:
                 self._cluster.rebalance()
             if self.policy is not None:
                 self._autoscale(self.policy, nodes, running, queued)
+            self._check_allocation(nodes)
             self._record(nodes, running, queued)
 
     def _autoscale(
@@ -274,6 +285,35 @@ class Scaler:
             if node.state not in _NOT_SERVING:
                 self._leaving.add(node.id)
                 self._cluster.drain(node.id)
+
+    def _check_allocation(self, nodes: list[NodeInfo]) -> None:
+        """While the pool holds fewer nodes than its targets, ask the provider now and then
+        why (Batch keeps its resize errors: a core quota reached after the pool started,
+        Spot capacity that is not there) and say so once in the log; the pool widget shows
+        it too. A pool that stays short for these reasons would otherwise just look slow.
+        """
+        present = [n for n in nodes if n.id not in self._leaving]
+        dedicated = sum(1 for n in present if n.dedicated)
+        short = dedicated < self.targets[0] or len(present) - dedicated < self.targets[1]
+        if not short:
+            self._allocation_errors = []
+            return
+        now = time.monotonic()
+        if now - self._allocation_checked < ALLOCATION_CHECK:
+            return
+        self._allocation_checked = now
+        errors = self._provider.allocation_errors()
+        if errors and errors != self._allocation_errors:
+            logger.warning(
+                "cloudmap: the pool has %d of %d dedicated and %d of %d spot nodes; the "
+                "provider says: %s",
+                dedicated,
+                self.targets[0],
+                len(present) - dedicated,
+                self.targets[1],
+                "; ".join(errors),
+            )
+        self._allocation_errors = errors
 
     def _finish_departures(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
         """Remove the leaving nodes whose tasks are done; return the nodes that remain."""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,32 @@ def test_quota_errors_surface_with_batchs_codes(batch: BatchEmulator) -> None:
     with pytest.raises(cloudmap.PoolStartError, match="AccountCoreQuotaReached"):
         cloudmap.Pool("azure", nodes=2, start_timeout=60, **options(batch))
     assert list(batch.client().list_pools()) == []  # what failed to start was deleted
+
+
+def test_a_quota_reached_after_start_is_reported_while_the_pool_is_short(
+    batch: BatchEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloudmap.widgets.render import pool_html
+    from cloudmap.widgets.summary import pool_snapshot
+
+    with cloudmap.Pool("azure", nodes=1, **options(batch)) as pool:
+        pool.wait_for_nodes()
+        assert pool.allocation_errors() == []
+        batch.set_quota(dedicated_cores=2)  # the one D2s_v5 node already uses both
+        pool.resize(nodes=3)
+        deadline = time.monotonic() + 30
+        while not pool.allocation_errors() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (error,) = pool.allocation_errors()
+        assert error.startswith("AccountCoreQuotaReached: ")
+        assert "the pool has 1 of 3 dedicated" in caplog.text and "CoreQuotaReached" in caplog.text
+        assert "short of target: AccountCoreQuotaReached" in pool_html(pool_snapshot(pool))
+        assert pool.map(square, range(4)) == [0, 1, 4, 9]  # the node it has still serves
+        pool.resize(nodes=1)  # back within the quota: nothing stands in the way any more
+        deadline = time.monotonic() + 10
+        while pool.allocation_errors() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pool.allocation_errors() == []
 
 
 def test_an_allocation_that_never_completes_times_out(batch: BatchEmulator) -> None:

@@ -229,6 +229,11 @@ def pool_work_html(snap: PoolSnapshot) -> str:
         lines.append(
             f'<span style="{_MUTED}">cost: the {_e(snap.provider)} provider has no prices</span>'
         )
+    for error in snap.allocation_errors:
+        lines.append(
+            f'<span data-allocation-error style="color:{COLOURS["failed"]}">'
+            f"short of target: {_e(error)}</span>"
+        )
     return (
         '<div class="cloudmap-pool-work" style="font-size:12px;line-height:1.6">'
         + "<br>".join(lines)

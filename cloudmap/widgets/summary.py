@@ -163,6 +163,8 @@ class PoolSnapshot:
     prices: NodePrices | None
     spent: float | None
     history: Sequence[ScalingSample] = field(default=(), repr=False)
+    #: Why the pool is short of its targets, in the provider's words (pool.allocation_errors)
+    allocation_errors: tuple[str, ...] = ()
 
     @property
     def cost_per_hour(self) -> float | None:
@@ -201,4 +203,5 @@ def pool_snapshot(pool: Pool) -> PoolSnapshot:
         prices=prices,
         spent=None if prices is None else spend(history, prices),
         history=history,
+        allocation_errors=tuple(pool.allocation_errors()),
     )
