@@ -168,6 +168,7 @@ class Pool:
         self._close_lock = threading.Lock()
         self._seen: dict[str, tuple[NodeState, datetime]] = {}
         self._served: set[str] = set()  # nodes whose slots have joined at some time
+        self._slots_lost: dict[str, datetime] = {}  # served nodes without a slot, since
         self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
         self._widget: PoolWidget | None = None
         self._widget_lock = threading.Lock()
@@ -493,20 +494,11 @@ class Pool:
                 state = NodeState.LEAVING
             elif node.id in held and state in _READY:
                 state, busy = NodeState.RUNNING, node.slots  # an MPI run holds it whole
+            state = self._unless_slots_lost(node.id, state, now)
             since = node.since
             if node.state == "ready" or node.id in leaving:  # the pool's own observation time
                 previous = self._seen.get(node.id)
-                if previous and previous[0] == NodeState.UNUSABLE and state == NodeState.STARTING:
-                    state = NodeState.UNUSABLE  # its slots were lost for good
                 since = previous[1] if previous and previous[0] == state else now
-            if state in _READY:
-                self._served.add(node.id)
-            elif (
-                state == NodeState.STARTING
-                and node.id in self._served
-                and (now - since).total_seconds() > SLOTS_LOST_GRACE
-            ):
-                state, since = NodeState.UNUSABLE, now  # it served, and its slots are gone
             self._seen[node.id] = (state, since)
             infos.append(
                 NodeInfo(
@@ -522,6 +514,19 @@ class Pool:
                 )
             )
         return infos
+
+    def _unless_slots_lost(self, node_id: str, state: NodeState, now: datetime) -> NodeState:
+        """``unusable`` for a node that has served and has had no slot for
+        SLOTS_LOST_GRACE (the provider may still call it ready); else ``state``."""
+        if state != NodeState.STARTING or node_id not in self._served:
+            if state in _READY:
+                self._served.add(node_id)
+                self._slots_lost.pop(node_id, None)
+            return state
+        lost = self._slots_lost.setdefault(node_id, now)
+        if (now - lost).total_seconds() > SLOTS_LOST_GRACE:
+            return NodeState.UNUSABLE
+        return state
 
     def wait_for_nodes(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
         """Block until ``count`` nodes have every slot connected (default: the targets,

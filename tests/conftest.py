@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -28,6 +29,16 @@ def cloudmap_processes() -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def eventually(check: Callable[[], object], seconds: float) -> bool:
+    """Whether ``check()`` becomes true within ``seconds`` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import cloudmap
 from cloudmap.providers.azure.settings import AzureSettings
 
 from .batch_emulator import BatchEmulator, running_batch_emulator
+from .conftest import eventually
 
 # Batch nodes do not share the client's files: this module's functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -154,19 +154,14 @@ def test_a_quota_reached_after_start_is_reported_while_the_pool_is_short(
         assert pool.allocation_errors() == []
         batch.set_quota(dedicated_cores=2)  # the one D2s_v5 node already uses both
         pool.resize(nodes=3)
-        deadline = time.monotonic() + 30
-        while not pool.allocation_errors() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert eventually(pool.allocation_errors, 30)
         (error,) = pool.allocation_errors()
         assert error.startswith("AccountCoreQuotaReached: ")
         assert "the pool has 1 of 3 dedicated" in caplog.text and "CoreQuotaReached" in caplog.text
         assert "short of target: AccountCoreQuotaReached" in pool_html(pool_snapshot(pool))
         assert pool.map(square, range(4)) == [0, 1, 4, 9]  # the node it has still serves
         pool.resize(nodes=1)  # back within the quota: nothing stands in the way any more
-        deadline = time.monotonic() + 10
-        while pool.allocation_errors() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert pool.allocation_errors() == []
+        assert eventually(lambda: pool.allocation_errors() == [], 10)
 
 
 def test_an_allocation_that_never_completes_times_out(batch: BatchEmulator) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import cloudmap
 from cloudmap.nodes import node_of
 
+from .conftest import eventually
+
 
 def _scheduler_statuses(dask_scheduler: Any) -> dict[str, str]:
     return {str(ws.name): ws.status.name for ws in dask_scheduler.workers.values()}
@@ -17,15 +19,6 @@ def _scheduler_statuses(dask_scheduler: Any) -> dict[str, str]:
 
 def _slot_status(dask_worker: Any) -> tuple[str, str]:
     return str(dask_worker.name), dask_worker.status.name
-
-
-def _wait_until(check: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_a_node_drained_right_after_its_release_is_given_no_task() -> None:
@@ -43,7 +36,7 @@ def test_a_node_drained_right_after_its_release_is_given_no_task() -> None:
 
         # The slot finishes what it had begun and then holds nothing: no task reached it
         # while its own report of "running" (from the release) was on its way.
-        assert _wait_until(lambda: cluster.nodes_quiet([node]), 5), "drained node never quiet"
+        assert eventually(lambda: cluster.nodes_quiet([node]), 5), "drained node never quiet"
         time.sleep(0.3)  # any stale report still travelling would have arrived by now
         assert cluster.nodes_quiet([node])
         on_scheduler = cluster.client.run_on_scheduler(_scheduler_statuses)
@@ -54,7 +47,7 @@ def test_a_node_drained_right_after_its_release_is_given_no_task() -> None:
 
         cluster.undrain(node)
         assert all(f.result(timeout=60) is None for f in futures)
-        assert _wait_until(
+        assert eventually(
             lambda: (
                 set(cluster.client.run_on_scheduler(_scheduler_statuses).values()) == {"running"}
             ),

@@ -174,8 +174,9 @@ class AzureBatchProvider(Provider):
         from azure.batch import models
 
         body = self.body(scheduler_address)
-        if self.settings.pool_id and self._exists():
-            self._attach(body)
+        existing = self._existing_pool() if self.settings.pool_id else None
+        if existing is not None:
+            self._attach(body, existing)
             return
         try:
             self._client.create_pool(models.BatchPoolCreateOptions(body))
@@ -185,23 +186,22 @@ class AzureBatchProvider(Provider):
             ) from exc
         self._created = True
 
-    def _exists(self) -> bool:
+    def _existing_pool(self) -> Any:
+        """The pool named ``pool_id`` as Batch has it, or None when there is none."""
         try:
-            self._client.get_pool(self.pool_id)
+            return self._client.get_pool(self.pool_id)
         except Exception as exc:
             if _status(exc) == 404:
-                return False
+                return None
             raise
-        return True
 
-    def _attach(self, body: dict[str, Any]) -> None:
+    def _attach(self, body: dict[str, Any], pool: Any) -> None:
         """Take over a pool cloudmap made earlier (kept with ``keep_pool``): give it this
         client's start task (scheduler address, certificates), then replace its nodes,
         whose agents still serve the old client, with fresh ones at this pool's targets.
         An attached pool is kept when this client closes, as it was found."""
         from azure.batch import models
 
-        pool = self._client.get_pool(self.pool_id)
         tags = {item.name: item.value for item in (pool.metadata or [])}
         if bodies.TAG not in tags:
             raise InputError(
