@@ -49,7 +49,7 @@ class SerializationError(InputError, TypeError):
     """A function, argument or item could not be pickled to send to the nodes."""
 
 
-class RemoteException(Exception):
+class RemoteException(CloudmapError):
     """Stands in for a remote exception that could not be sent back as itself."""
 
     def __init__(self, type_name: str, message: str) -> None:
@@ -135,11 +135,11 @@ def _rebuild_task_error(index: int, state: dict[str, Any]) -> TaskError:
     return error
 
 
-class TaskTimeoutError(TimeoutError):
+class TaskTimeoutError(CloudmapError, TimeoutError):
     """One attempt of an item ran longer than the map's ``timeout=``; its slot was restarted."""
 
 
-class WorkerLostError(RuntimeError):
+class WorkerLostError(CloudmapError, RuntimeError):
     """The slot process running an item died (crash, out of memory, ``os._exit``...)."""
 
 
@@ -187,11 +187,11 @@ class MpiTimeoutError(MpiError, TimeoutError):
     """An MPI run took longer than its ``timeout=``; every rank was killed."""
 
 
-class StagingError(RuntimeError):
+class StagingError(CloudmapError, RuntimeError):
     """An item's input could not be downloaded or its output uploaded; names item and URL."""
 
 
-class CommandError(RuntimeError):
+class CommandError(CloudmapError, RuntimeError):
     """A command-line task (``pool.run``) exited non-zero; carries the end of its stderr."""
 
     def __init__(self, message: str, exit_code: int = 1, stderr: str = "") -> None:
@@ -203,7 +203,7 @@ class CommandError(RuntimeError):
         return (CommandError, (str(self), self.exit_code, self.stderr))
 
 
-class JobPreparationError(RuntimeError):
+class JobPreparationError(CloudmapError, RuntimeError):
     """A job's preparation failed on a node; the job's tasks there fail with this."""
 
 
