@@ -28,8 +28,8 @@ _EXPORTS = {
     "MpiUnavailableError": "cloudmap.errors",
     "Autoscale": "cloudmap.autoscale",
     "Eviction": "cloudmap.providers.eviction",
-    "ScalingSample": "cloudmap.scaling",
-    "TaskCounts": "cloudmap.scaling",
+    "ScalingSample": "cloudmap.samples",
+    "TaskCounts": "cloudmap.samples",
     "NodePrices": "cloudmap.pricing",
     "PoolWidget": "cloudmap.widgets.pool_widget",
     "ProgressWidget": "cloudmap.widgets.progress_widget",
@@ -126,7 +126,7 @@ if TYPE_CHECKING:
     from .pricing import NodePrices
     from .progress import ProgressCounts, ProgressReporter
     from .providers.eviction import Eviction
-    from .scaling import ScalingSample, TaskCounts
+    from .samples import ScalingSample, TaskCounts
     from .seeding import item_rng
     from .staging import Output
     from .watching import FuturesWatch

@@ -2,7 +2,9 @@
 
 The scheduler runs in the client's process, on Dask's event-loop thread; slots (one Dask
 worker process with one thread each) connect to it from the nodes. Nothing here knows how
-nodes are made.
+nodes are made. Above this layer nobody sees Dask: tasks are :class:`TaskHandle` objects,
+and a task lost with its slot comes back as a :class:`~cloudmap.failures.TaskLoss`. The
+scheduler's side of it is :mod:`cloudmap.scheduler_plugin`.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import dask
-from distributed import Client, Future, Scheduler, SchedulerPlugin, Security, SpecCluster
-from distributed.core import Status
+from distributed import Client, Future, Scheduler, Security, SpecCluster
 from distributed.scheduler import KilledWorker
 
-from .dask_config import LOW_OVERHEAD
+from . import scheduler_plugin as on_scheduler
+from .dask_config import BATCH_INTERVAL, LOW_OVERHEAD
+from .errors import WorkerLostError
+from .failures import LossCause, TaskLoss
+from .loops import poll_until
+from .node.runner import exit_slot, run_batch
 from .nodes import node_of
 from .payload import STARTED_TOPIC, TIMEOUT_TOPIC
-from .runner import exit_slot, run_batch
 
 
 class _DropKilledWorkerNoise(logging.Filter):
@@ -43,6 +48,27 @@ class _DropKilledWorkerNoise(logging.Filter):
 
 
 _KILLED_WORKER_NOISE = _DropKilledWorkerNoise()
+
+
+class TaskHandle:
+    """One task on the pool's cluster, as the map engine and futures see it: a key to ask
+    about, and the means to cancel it or let the cluster forget it."""
+
+    __slots__ = ("_future", "key")
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+        self.key = str(future.key)
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+    def release(self) -> None:
+        """Let Dask forget the task: a held result would be recomputed if its slot died."""
+        self._future.release()
+
+
+Deliver = Callable[[TaskHandle, str, Any], None]
 
 
 class DaskCluster:
@@ -67,8 +93,8 @@ class DaskCluster:
         self.client = Client(
             self._cluster, direct_to_workers=self.security is None, security=self.security
         )
-        self._plugin = _PoolPlugin()
-        _shorten_batching_intervals(self.client)
+        self._plugin = on_scheduler.PoolPlugin()
+        _shorten_batching_interval(self.client)
         self._plugin.attach(self._cluster.scheduler)
         self._timeouts: dict[str, bytes] = {}
         self._started: dict[str, set[str]] = {}
@@ -131,55 +157,61 @@ class DaskCluster:
     def dashboard_link(self) -> str | None:
         return self._cluster.dashboard_link if self._cluster.scheduler_info else None
 
-    def submit_batch(self, fn_blob: bytes, batch_blob: bytes, label: str) -> Future:
+    def submit_batch(self, fn_blob: bytes, batch_blob: bytes, label: str) -> TaskHandle:
         """Send one batch as one Dask task, never de-duplicated (pure=False, unique key)."""
         key = f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}"
-        return self.client.submit(run_batch, fn_blob, batch_blob, key=key, pure=False)
+        return TaskHandle(self.client.submit(run_batch, fn_blob, batch_blob, key=key, pure=False))
 
-    def on_result(self, future: Future, deliver: Callable[[Future, str, Any], None]) -> None:
+    def on_result(self, task: TaskHandle, deliver: Deliver) -> None:
         """Fetch a task's result on the event loop as soon as it is ready, then call
-        ``deliver(future, kind, value)`` with kind "ok" (value: the result), "cancelled" or
-        "error" (value: the exception). Fetches overlap, unlike blocking ``result()`` calls.
+        ``deliver(task, kind, value)`` with kind "ok" (value: the result), "cancelled" or
+        "error" (value: an error to pass to :meth:`loss_of`). Fetches overlap, unlike
+        blocking ``result()`` calls. ``deliver`` runs on the event loop: it must not block.
         """
         loop = self.client.loop
         assert loop is not None, "the client has no event loop: is it closed?"
-        loop.add_callback(self._fetch, future, deliver)
+        loop.add_callback(self._fetch, task, deliver)
 
-    async def _fetch(self, future: Future, deliver: Callable[[Future, str, Any], None]) -> None:
+    async def _fetch(self, task: TaskHandle, deliver: Deliver) -> None:
         try:
-            value = await self.client.gather(future, asynchronous=True)
+            value = await self.client.gather(task._future, asynchronous=True)
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
-            deliver(future, "cancelled", exc)
+            deliver(task, "cancelled", exc)
         except BaseException as exc:
             self.finished_tasks += 1
-            deliver(future, "error", exc)
+            deliver(task, "error", exc)
         else:
             self.finished_tasks += 1
-            deliver(future, "ok", value)
+            deliver(task, "ok", value)
 
-    def loss_cause(self, key: str, error: BaseException) -> str | None:
-        """Why a task got no result, when it is not the task's fault; None when it may be.
+    def loss_of(self, key: str, error: BaseException, *, timed: bool = False) -> TaskLoss:
+        """Why a task got no result, in cloudmap's terms (this may wait up to EVENT_WAIT for
+        the slot's last events: call it off the event loop).
 
-        ``"evicted"``: its slot's node was preempted or removed (the provider said so first).
-        ``"queued"``: a slot that died took down the tasks queued behind it too; only the
-        one it was running (it said so in a start event) may be to blame.
+        Preempted: its slot's node was preempted or removed (the provider said so first, or,
+        for providers that learn it only afterwards, says so now). Queued: a slot that died
+        took down the tasks queued behind it too; only the one it was running (it said so
+        in a start event) may be to blame. Died: it was running on the slot that died; with
+        ``timed`` (the map has a timeout), what the timeout watchdog sent before it ended
+        the slot comes along.
         """
         if not isinstance(error, KilledWorker):
-            return None
+            return TaskLoss(LossCause.FAILED, None, error)
         slot = dead_slot(error)
-        address = slot.address
-        if address in self._plugin.evicted:
-            return "evicted"
-        if not _wait_for_event(lambda: self._started_on(key, address)):
-            return "queued"
-        # It was running there: a crash, unless the node was taken (which some providers
-        # learn only afterwards).
+        if slot.address in self._plugin.evicted:
+            return TaskLoss(LossCause.PREEMPTED, slot.name, error)
+        lost = WorkerLostError(
+            f"the slot process running this item died ({type(error).__name__}: {error})"
+        )
+        if not poll_until(lambda: self._started_on(key, slot.address), EVENT_WAIT, interval=0.01):
+            return TaskLoss(LossCause.QUEUED, slot.name, lost)
         node = node_of(slot.name)
         if node is not None and self.node_taken is not None and self.node_taken(node):
-            if address is not None:
-                self._plugin.evicted.add(address)
-            return "evicted"
-        return None
+            if slot.address is not None:
+                self._plugin.evicted.add(slot.address)
+            return TaskLoss(LossCause.PREEMPTED, slot.name, error)
+        partial = self.timeout_result(key) if timed else None
+        return TaskLoss(LossCause.DIED, slot.name, lost, partial)
 
     # -- nodes leaving ----------------------------------------------------------------------
 
@@ -188,7 +220,7 @@ class DaskCluster:
         tasks they held are known as lost with the node, not as crashes."""
         self._plugin.draining.discard(node_id)
         try:
-            addresses = self.client.run_on_scheduler(_node_workers, node_id)
+            addresses = self.client.run_on_scheduler(on_scheduler.node_workers, node_id)
         except Exception:  # the scheduler is closing: no task is waiting for a verdict
             return
         self._plugin.evicted.update(addresses)
@@ -197,16 +229,16 @@ class DaskCluster:
         """Give a node's slots no new task and move the tasks queued on them elsewhere;
         the tasks they are running finish (or are lost when the node is killed)."""
         self._plugin.draining.add(node_id)
-        self.client.run_on_scheduler(_drain_node, node_id)
+        self.client.run_on_scheduler(on_scheduler.drain_node, node_id)
 
     def undrain(self, node_id: str) -> None:
         """Let a drained node's slots take tasks again (an MPI run gave its nodes back)."""
         self._plugin.draining.discard(node_id)
-        self.client.run_on_scheduler(_undrain_node, node_id)
+        self.client.run_on_scheduler(on_scheduler.undrain_node, node_id)
 
     def nodes_quiet(self, node_ids: list[str]) -> bool:
         """Whether no slot of these nodes has a task assigned."""
-        return bool(self.client.run_on_scheduler(_nodes_quiet, list(node_ids)))
+        return bool(self.client.run_on_scheduler(on_scheduler.nodes_quiet, list(node_ids)))
 
     def run_on(self, worker: str, coroutine: Callable[..., Any], *args: Any) -> Any:
         """Await ``coroutine(*args)`` in one slot process (out of band, not as a task)."""
@@ -222,16 +254,16 @@ class DaskCluster:
         make the one behind it wait for its whole run. Only tasks that have not started
         (no start event) are moved, so nothing runs twice.
         """
-        return int(self.client.run_on_scheduler(_rebalance))
+        return int(self.client.run_on_scheduler(on_scheduler.rebalance))
 
     def work_counts(self) -> tuple[int, int]:
         """(tasks running, tasks waiting for a slot) on the scheduler now."""
-        running, waiting = self.client.run_on_scheduler(_work_counts)
+        running, waiting = self.client.run_on_scheduler(on_scheduler.work_counts)
         return int(running), int(waiting)
 
     def timeout_result(self, key: str) -> bytes | None:
         """The partial result a slot sent before its timeout watchdog ended it, if any."""
-        return _wait_for_event(lambda: self._pop_timeout_result(key))
+        return poll_until(lambda: self._pop_timeout_result(key), EVENT_WAIT, interval=0.01)
 
     def _pop_timeout_result(self, key: str) -> bytes | None:
         with self._events_lock:
@@ -267,39 +299,40 @@ class DaskCluster:
         checked, count = self._slot_count
         now = time.monotonic()
         if now - checked > max_age:
-            count = len(self.client.run_on_scheduler(_worker_addresses))
+            count = len(self.addresses())
             self._slot_count = (now, count)
         return count
 
     def slots_by_node(self) -> dict[str, list[tuple[str, int]]]:
         """Each node's connected slots as (worker address, tasks processing)."""
         view: dict[str, list[tuple[str, int]]] = {}
-        for name, address, processing in self.client.run_on_scheduler(_slots_view):
+        for name, address, processing in self.client.run_on_scheduler(on_scheduler.slots_view):
             node = node_of(name)
             if node is not None:
                 view.setdefault(node, []).append((address, processing))
         return view
 
-    def stop_running(self, futures: Iterable[Future]) -> None:
+    def cancel(self, tasks: Iterable[TaskHandle]) -> None:
+        """Cancel tasks, queued or running (a running one finishes on its slot unheard)."""
+        self.client.cancel([task._future for task in tasks], force=True)
+
+    def stop_running(self, tasks: Iterable[TaskHandle]) -> None:
         """Cancel tasks and end the slot processes still running them, freeing the slots."""
-        futures = list(futures)
-        if not futures:
+        tasks = list(tasks)
+        if not tasks:
             return
-        keys = [f.key for f in futures]
-        workers = self.client.run_on_scheduler(_workers_processing, keys)
-        self.client.cancel(futures, force=True)
+        keys = [task.key for task in tasks]
+        workers = self.client.run_on_scheduler(on_scheduler.workers_processing, keys)
+        self.cancel(tasks)
         if workers:
             self.client.run(exit_slot, workers=list(workers), wait=False)
-            self._wait_until_gone(workers)
+            # Return once the scheduler has dropped the ended slots, so that no new task
+            # goes to a slot already dead (its replacement joins under the same name).
+            poll_until(lambda: not workers & set(self.addresses()), SLOTS_GONE_WAIT, interval=0.02)
 
-    def _wait_until_gone(self, workers: set[str], timeout: float = 10.0) -> None:
-        """Return once the scheduler has dropped the ended slots, so that no new task is
-        handed to a slot that is already dead (its replacement joins under the same name)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not workers & set(self.client.run_on_scheduler(_worker_addresses)):
-                return
-            time.sleep(0.02)
+    def addresses(self) -> list[str]:
+        """The addresses of the connected slots."""
+        return list(self.client.run_on_scheduler(on_scheduler.worker_addresses))
 
     def close_client(self) -> None:
         """Drop the client (and with it every future) before the nodes go away."""
@@ -312,120 +345,19 @@ class DaskCluster:
             self._cluster.close(timeout=10)
 
 
-#: Dask batches small messages for up to 10 ms (client to scheduler) and 5 ms (scheduler to
-#: worker) to save syscalls under heavy load; for cloudmap, whose tasks are already batches,
-#: that latency is what a tiny map or a submit() waits for. 1 ms keeps most of the saving.
-BATCH_INTERVAL = 0.001
+#: Seconds to wait for a slot's last events (it started a task; a timeout's partial result):
+#: sent before it died, they arrive before Dask reports the death, so the wait only covers
+#: event handlers still running on the event loop.
+EVENT_WAIT = 1.0
+#: Seconds to wait for the scheduler to drop slots that were told to exit.
+SLOTS_GONE_WAIT = 10.0
 
 
-def _shorten_batching_intervals(client: Client) -> None:
+def _shorten_batching_interval(client: Client) -> None:
     """Lower Dask's client batching delay (a private attribute, so only where present)."""
     stream = getattr(client, "scheduler_comm", None)
     if stream is not None and hasattr(stream, "interval"):
         stream.interval = BATCH_INTERVAL
-
-
-class _PoolPlugin(SchedulerPlugin):
-    """cloudmap's part of the scheduler, on its event loop in the client's process.
-
-    As each slot joins: apply BATCH_INTERVAL to its stream, drain it at once if its node is
-    draining (a slot restarted on a node under preemption notice), and forget that its
-    address belonged to an evicted slot (ports are reused). It also knows which tasks have
-    begun where (``began``), and keeps the statuses cloudmap gives slots from being undone
-    by stale reports (``screen_status_reports``).
-    """
-
-    name = "cloudmap-pool"
-
-    def __init__(self) -> None:
-        # Both are changed from the client's threads too; single set operations are atomic.
-        self.draining: set[str] = set()  # node ids
-        self.evicted: set[str] = set()  # addresses of slots killed with their node
-        # Only touched on the scheduler's event loop:
-        # slot address -> the status cloudmap told it and it has not yet confirmed;
-        self.told: dict[str, Status] = {}
-        # task key -> (slot address, run id) of its current assignment, once that began.
-        self.began: dict[str, tuple[str, int]] = {}
-        self._scheduler: Scheduler | None = None
-
-    def attach(self, scheduler: Scheduler | None) -> None:
-        if scheduler is None or not hasattr(scheduler, "add_plugin"):
-            return
-        self._scheduler = scheduler
-        scheduler.add_plugin(self)
-        self.screen_status_reports(scheduler)
-
-    def has_begun(self, ts: Any, ws: Any) -> bool:
-        """Whether this task, as now assigned to this slot, has started running there.
-
-        Rescheduling a task that has begun would run it twice; one that has not is safe to
-        move. The record is the scheduler's, kept in order with the slot's other messages
-        and tied to Dask's run id of the assignment: a task moved off a slot and later
-        given back to it has not begun again until its new start is reported.
-        """
-        return self.began.get(str(ts.key)) == (ws.address, ts.run_id)
-
-    def log_event(self, topic: str, msg: Any) -> None:
-        if topic != STARTED_TOPIC or self._scheduler is None or not isinstance(msg, dict):
-            return
-        key, worker, run_id = str(msg.get("key")), str(msg.get("worker")), msg.get("run_id")
-        ts = self._scheduler.tasks.get(key)
-        if (
-            isinstance(run_id, int)
-            and ts is not None
-            and ts.state == "processing"
-            and ts.processing_on is not None
-            and ts.processing_on.address == worker
-            and ts.run_id == run_id
-        ):
-            self.began[key] = (worker, run_id)
-
-    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if start == "processing":
-            self.began.pop(str(key), None)
-
-    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        self.evicted.discard(worker)
-        self.told.pop(worker, None)
-        stream = getattr(scheduler, "stream_comms", {}).get(worker)
-        if stream is not None and hasattr(stream, "interval"):
-            stream.interval = BATCH_INTERVAL
-        ws = scheduler.workers.get(worker)
-        if ws is not None and node_of(ws.name) in self.draining:
-            _set_slot_status(scheduler, ws, Status.closing_gracefully)
-
-    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
-        self.told.pop(worker, None)
-
-    def screen_status_reports(self, scheduler: Scheduler) -> None:
-        """Put a filter in front of the scheduler's handler of slots' status reports.
-
-        A slot reports every status it takes, including the ones the scheduler told it to
-        take. When an MPI run gives nodes back and the next run takes the same nodes at
-        once, the slot's report of "running" (from the release) reaches the scheduler after
-        the scheduler has drained it again; Dask would then believe it, hand it queued map
-        tasks, and the slot, paused by the drain that follows, would never run them: the
-        next run waited forever for those nodes to go quiet. So once cloudmap tells a slot
-        a status, the slot's reports are dropped until it confirms that status (the slot
-        handles messages in order, so everything it said before is stale), and a slot of a
-        draining node that leaves a pause of its own is told to stay drained.
-        """
-        handle = scheduler.stream_handlers["worker-status-change"]
-
-        def screened(status: str, worker: str, stimulus_id: str, **extra: Any) -> None:
-            told = self.told.get(worker)
-            if told is not None:
-                if Status[status] == told:
-                    del self.told[worker]
-                return
-            ws = scheduler.workers.get(worker)
-            reported = Status[status]
-            if ws is not None and reported == Status.running and node_of(ws.name) in self.draining:
-                _set_slot_status(scheduler, ws, Status.closing_gracefully)
-                return
-            handle(status=status, worker=worker, stimulus_id=stimulus_id, **extra)
-
-        scheduler.stream_handlers["worker-status-change"] = screened
 
 
 class SlotRef(NamedTuple):
@@ -439,116 +371,3 @@ def dead_slot(error: BaseException) -> SlotRef:
     name = getattr(worker, "name", None)
     address = getattr(worker, "address", None)
     return SlotRef(None if name is None else str(name), None if address is None else str(address))
-
-
-def _wait_for_event(check: Callable[[], Any], seconds: float = 1.0) -> Any:
-    """Events a slot sent just before dying arrive before Dask reports the death; the
-    short wait only covers event handlers still running on the event loop."""
-    deadline = time.monotonic() + seconds
-    while True:
-        found = check()
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
-
-
-def _node_workers(node_id: str, dask_scheduler: Scheduler) -> list[str]:
-    return [ws.address for ws in dask_scheduler.workers.values() if node_of(ws.name) == node_id]
-
-
-def _drain_node(node_id: str, dask_scheduler: Scheduler) -> None:
-    """Stop new work reaching a node's slots; send tasks not yet begun there elsewhere.
-
-    The slots are put in Dask's ``closing_gracefully`` status (as ``retire_workers`` does),
-    which keeps the scheduler from choosing them and the workers from starting queued tasks.
-    """
-    plugin = _plugin_of(dask_scheduler)
-    for ws in list(dask_scheduler.workers.values()):
-        if node_of(ws.name) != node_id:
-            continue
-        _set_slot_status(dask_scheduler, ws, Status.closing_gracefully)
-        stimulus = f"cloudmap-drain-{time.time()}"
-        for ts in list(ws.processing):
-            if not plugin.has_begun(ts, ws):
-                dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
-
-
-def _rebalance(dask_scheduler: Scheduler) -> int:
-    plugin = _plugin_of(dask_scheduler)
-    idle = sum(1 for ws in dask_scheduler.running if not ws.processing)
-    moved = 0
-    stimulus = f"cloudmap-rebalance-{time.time()}"
-    for ws in list(dask_scheduler.running):
-        if moved >= idle:
-            break
-        if len(ws.processing) <= ws.nthreads:
-            continue
-        for ts in list(ws.processing):
-            if moved >= idle or len(ws.processing) <= ws.nthreads:
-                break
-            if not plugin.has_begun(ts, ws):
-                dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
-                moved += 1
-    return moved
-
-
-def _nodes_quiet(node_ids: list[str], dask_scheduler: Scheduler) -> bool:
-    wanted = set(node_ids)
-    return not any(
-        ws.processing for ws in dask_scheduler.workers.values() if node_of(ws.name) in wanted
-    )
-
-
-def _undrain_node(node_id: str, dask_scheduler: Scheduler) -> None:
-    for ws in list(dask_scheduler.workers.values()):
-        if node_of(ws.name) == node_id and ws.status == Status.closing_gracefully:
-            _set_slot_status(dask_scheduler, ws, Status.running)
-
-
-def _set_slot_status(dask_scheduler: Scheduler, ws: Any, status: Status) -> None:
-    """Set a slot's status on the scheduler at once (so no task is chosen for a slot being
-    drained while the message travels, as ``retire_workers`` does) and tell the slot,
-    which pauses or resumes its queue. Its reports are screened until it confirms."""
-    stimulus = f"cloudmap-{status.name}-{time.time()}"
-    stream = dask_scheduler.stream_comms.get(ws.address)
-    if stream is not None:
-        _plugin_of(dask_scheduler).told[ws.address] = status
-    dask_scheduler.handle_worker_status_change(status, ws, stimulus)
-    if stream is not None:
-        stream.send({"op": "worker-status-change", "status": status.name, "stimulus_id": stimulus})
-
-
-def _plugin_of(dask_scheduler: Scheduler) -> _PoolPlugin:
-    plugin = dask_scheduler.plugins[_PoolPlugin.name]
-    assert isinstance(plugin, _PoolPlugin)
-    return plugin
-
-
-def _work_counts(dask_scheduler: Scheduler) -> tuple[int, int]:
-    running = waiting = 0
-    for ws in dask_scheduler.workers.values():
-        processing = len(ws.processing)
-        busy = min(processing, ws.nthreads)
-        running += busy
-        waiting += processing - busy
-    waiting += len(dask_scheduler.queued) + len(dask_scheduler.unrunnable)
-    return running, waiting
-
-
-def _slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:
-    return [
-        (str(ws.name), ws.address, len(ws.processing)) for ws in dask_scheduler.workers.values()
-    ]
-
-
-def _worker_addresses(dask_scheduler: Scheduler) -> list[str]:
-    return list(dask_scheduler.workers)
-
-
-def _workers_processing(keys: list[str], dask_scheduler: Scheduler) -> set[str]:
-    workers = set()
-    for key in keys:
-        task = dask_scheduler.tasks.get(key)
-        if task is not None and task.processing_on is not None:
-            workers.add(task.processing_on.address)
-    return workers

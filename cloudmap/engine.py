@@ -16,23 +16,14 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any
 
-from distributed import Future
-from distributed.scheduler import KilledWorker
-
 from .batching import BatchSizer
-from .cluster import DaskCluster, dead_slot
-from .errors import (
-    InputError,
-    PoolClosedError,
-    SerializationError,
-    TaskError,
-    WorkerLostError,
-)
-from .nodes import node_of
+from .cluster import DaskCluster, TaskHandle
+from .errors import InputError, PoolClosedError, SerializationError, TaskError
+from .failures import MAX_FREE_REQUEUES, Verdict, item_error, verdict
+from .options import MapOptions
 from .payload import (
     CALL_ONE,
     CALL_STAR,
@@ -44,13 +35,7 @@ from .payload import (
     load_result,
 )
 from .progress import ProgressCounts, make_reporter
-from .seeding import check_accepts_rng, check_seed
-from .staging import as_inputs, as_outputs
-from .validation import check_int, check_positive
 
-ON_ERROR_CHOICES = ("raise", "return", "skip")
-#: An item lost this many times with a slot it did not run on is then run on its own.
-MAX_FREE_REQUEUES = 3
 #: Backlog reported for an input of unknown length that is not exhausted: "a lot".
 UNKNOWN_BACKLOG_TASKS = 1_000_000
 #: With on_error="raise", how long tasks already running may finish after the failure, so
@@ -58,57 +43,6 @@ UNKNOWN_BACKLOG_TASKS = 1_000_000
 DRAIN_SECONDS = 2.0
 #: Seconds between recounts of the items in started tasks, for the progress display.
 RUNNING_RECOUNT = 0.2
-
-
-@dataclass(frozen=True)
-class MapOptions:
-    """How one map runs: the keyword options of ``map``, ``imap`` and ``executor()``."""
-
-    seed: int | None = None
-    batch_size: int | None = None
-    retries: int = 0
-    timeout: float | None = None
-    on_error: str = "raise"
-    progress: Any = None
-    inputs: Any = None
-    outputs: Any = None
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials
-
-    @classmethod
-    def from_keywords(cls, options: dict[str, Any], where: str, **defaults: Any) -> MapOptions:
-        """The options of ``map`` given as keywords elsewhere (``executor(...)``,
-        ``job.map(...)``); an unknown name is an InputError that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InputError(
-                f"{where} does not take {', '.join(unknown)}; its options are those of "
-                f"pool.map: {', '.join(sorted(known))}"
-            )
-        return cls(**{**defaults, **options})
-
-    def checked(self, fn: Callable[..., Any]) -> MapOptions:
-        """Validate every option before any work is sent; return them normalised."""
-        seed = self.seed
-        if seed is not None:
-            seed = check_seed(seed)
-            check_accepts_rng(fn)
-        if self.batch_size is not None:
-            check_int("batch_size", self.batch_size, minimum=1)
-        check_int("retries", self.retries, minimum=0)
-        if self.timeout is not None:
-            check_positive("timeout", self.timeout)
-        if self.on_error not in ON_ERROR_CHOICES:
-            choices = ", ".join(map(repr, ON_ERROR_CHOICES))
-            raise InputError(f"on_error={self.on_error!r} is not one of {choices}")
-        if self.storage_options is not None and not isinstance(self.storage_options, dict):
-            raise InputError(
-                f"storage_options={self.storage_options!r} is not valid: pass a dict of fsspec "
-                "options (for example connection_string=...)"
-            )
-        return replace(
-            self, seed=seed, inputs=as_inputs(self.inputs), outputs=as_outputs(self.outputs)
-        )
 
 
 class _Skipped:
@@ -146,7 +80,7 @@ class _Task:
     def __init__(self, batch: _SourceBatch | None, refs: list[tuple[_SourceBatch, int]] | None):
         self.batch = batch
         self.refs = refs
-        self.future: Future | None = None
+        self.future: TaskHandle | None = None
         self.key = ""
 
     def release(self) -> None:
@@ -351,7 +285,7 @@ class MapEngine:
         self._counts.in_flight += len(items)
         self._cluster.on_result(task.future, partial(self._on_done, task))
 
-    def _on_done(self, task: _Task, future: Future, kind: str, value: Any) -> None:
+    def _on_done(self, task: _Task, handle: TaskHandle, kind: str, value: Any) -> None:
         """Runs on Dask's event loop: hand the outcome to the engine's thread."""
         self._done.put((task, kind, value))
 
@@ -372,34 +306,26 @@ class MapEngine:
 
     def _take_failure(self, task: _Task, error: BaseException) -> None:
         """A task produced no result: its slot died (crash, timeout, its node taken away)
-        or Dask gave up on it."""
+        or the cluster gave up on it. What that costs its items is the failure policy's
+        (:func:`cloudmap.failures.verdict`)."""
         positions = task.positions()
-        cause = self._cluster.loss_cause(task.key, error)
-        if cause == "evicted":
+        loss = self._cluster.loss_of(task.key, error, timed=self._timeout is not None)
+        decided = verdict(loss, len(positions))
+        if decided is Verdict.REQUEUE_PREEMPTED:
             self._requeue_preempted(positions)
-            return
-        if cause == "queued":
+        elif decided is Verdict.REQUEUE_LOST:
             self._requeue_lost(positions)  # it only waited on the slot that died
-            return
-        if isinstance(error, KilledWorker) and self._timeout is not None:
-            partial_blob = self._cluster.timeout_result(task.key)
-            if partial_blob is not None:
-                self._take_result(task, load_result(partial_blob))  # requeues the rest
-                return
-        if len(positions) == 1:
-            lost = WorkerLostError(
-                f"the slot process running this item died ({type(error).__name__}: {error})"
-            )
-            batch, position = positions[0]
-            worker = dead_slot(error).name
-            self._item_failed(batch, position, RemoteError.from_exception(lost), worker)
-        else:
-            # Do not know which item killed the slot: re-run the task in halves, uncharged.
-            # A half that dies again is halved again, down to the one item to blame, in
-            # log2(size) rounds instead of one task per item.
+        elif decided is Verdict.TAKE_PARTIAL:
+            assert loss.partial is not None
+            self._take_result(task, load_result(loss.partial))  # requeues the rest
+        elif decided is Verdict.BISECT:
+            # A half that dies again is halved again, down to the one item to blame.
             half = (len(positions) + 1) // 2
             self._counts.requeued += len(positions)
             self._retry.extend((batch, position, half) for batch, position in positions)
+        else:
+            batch, position = positions[0]
+            self._item_failed(batch, position, RemoteError.from_exception(loss.error), loss.slot)
 
     def _requeue_lost(self, positions: list[tuple[_SourceBatch, int]]) -> None:
         """Send items lost through no fault of their own again, without spending retries;
@@ -453,15 +379,13 @@ class MapEngine:
             self._counts.retried += 1
             self._retry.append((batch, position, 0))
             return
-        failure = TaskError(
+        failure = item_error(
             index,
-            exception=error.exception(),
-            remote_traceback=error.traceback,
-            node=node_of(worker) if worker else None,
-            worker=worker,
+            error,
+            worker,
+            item=batch.items[position],
             attempts=attempts,
             preemptions=self._preempted.get(index, 0),
-            item=batch.items[position],
         )
         self._counts.add_failure(failure)
         if self._on_error == "raise":
@@ -527,16 +451,16 @@ class MapEngine:
             raise TimeoutError("the map's results did not all arrive before its timeout")
 
     def _abort(self, *, kill_running: bool) -> None:
-        futures = [task.future for task in self._tasks.values() if task.future is not None]
+        handles = [task.future for task in self._tasks.values() if task.future is not None]
         self._tasks.clear()
         self._retry.clear()
-        if not futures or self._is_closed():
+        if not handles or self._is_closed():
             return
         try:
             if kill_running:
-                self._cluster.stop_running(futures)
+                self._cluster.stop_running(handles)
             else:
-                self._cluster.client.cancel(futures, force=True)
+                self._cluster.cancel(handles)
         except Exception:  # the pool may be shutting down under us; nothing left to free
             pass
 

@@ -11,20 +11,13 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from distributed.scheduler import KilledWorker
-
-from .cluster import DaskCluster
-from .engine import MAX_FREE_REQUEUES, MapOptions
-from .errors import InputError, PoolClosedError, TaskError, WorkerLostError
-from .nodes import node_of
-from .payload import BatchResult, load_result
-
-if TYPE_CHECKING:
-    import distributed
-
-    from .pool import Pool
+from .cluster import DaskCluster, TaskHandle
+from .errors import InputError, PoolClosedError
+from .failures import Verdict, item_error, verdict
+from .options import MapOptions
+from .payload import CALL_ARGS, Batch, BatchResult, dump_function, dump_items_batch, load_result
 
 
 class Future(concurrent.futures.Future[Any]):
@@ -35,29 +28,32 @@ class Future(concurrent.futures.Future[Any]):
     A task lost only because it waited on a slot that died is sent again, transparently.
     """
 
-    def __init__(self, cluster: DaskCluster, fn_blob: bytes, batch_blob: bytes, item: Any):
+    def __init__(
+        self, cluster: DaskCluster, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
+    ) -> None:
         super().__init__()
         self._cluster = cluster
-        self._blobs = (fn_blob, batch_blob)
-        self._item = item
-        self._free_requeues = MAX_FREE_REQUEUES
+        self._item = (args, kwargs)
+        # The call travels as a one-item batch of the map engine's wire format.
+        batch = Batch(CALL_ARGS, None, None, range(1), [self._item])
+        self._blobs = (dump_function(fn), dump_items_batch(batch))
         #: Times the task was sent again because its node was preempted or removed.
         self.preemptions = 0
         self._submit_to_pool()
 
     def _submit_to_pool(self) -> None:
-        self.dask_future = self._cluster.submit_batch(*self._blobs, "submit")
-        self._cluster.on_result(self.dask_future, self._settle_off_loop)
+        self._task = self._cluster.submit_batch(*self._blobs, "submit")
+        self._cluster.on_result(self._task, self._settle_off_loop)
 
-    def _settle_off_loop(self, dask_future: distributed.Future, kind: str, value: Any) -> None:
+    def _settle_off_loop(self, task: TaskHandle, kind: str, value: Any) -> None:
         # Never run the user's done-callbacks on Dask's event loop: one that waited on the
         # pool (another result(), say) would block the loop that must answer it.
-        _settler().submit(self._settle, dask_future, kind, value)
+        _settler().submit(self._settle, task, kind, value)
 
     @property
     def key(self) -> str:
         """The Dask task key, to find the task on the Dask dashboard."""
-        return str(self.dask_future.key)
+        return self._task.key
 
     def running(self) -> bool:
         """True while a slot runs the call (slots report when they start a task)."""
@@ -67,12 +63,12 @@ class Future(concurrent.futures.Future[Any]):
         """Cancel on the pool too. False if the task already finished (as in concurrent.futures)."""
         if not super().cancel():  # first, so the pool's own report cannot beat us to it
             return self.cancelled()
-        self.dask_future.cancel()
+        self._task.cancel()
         return True
 
-    def _settle(self, dask_future: distributed.Future, kind: str, value: Any) -> None:
-        """Runs on the settling thread when the task is over, however it ended."""
-        key = str(dask_future.key)
+    def _settle(self, task: TaskHandle, kind: str, value: Any) -> None:
+        """Runs on the settling thread when the task is over, however it ended: the failure
+        policy (:func:`cloudmap.failures.verdict`) decides whether a lost task goes again."""
         try:
             if self.done():
                 return
@@ -81,38 +77,29 @@ class Future(concurrent.futures.Future[Any]):
             elif kind == "cancelled":
                 if not super().cancel():
                     self.set_exception(PoolClosedError("the pool closed before this task ran"))
-            elif (cause := self._cluster.loss_cause(key, value)) == "evicted":
-                self.preemptions += 1
-                self._submit_to_pool()
-            elif cause == "queued" and self._free_requeues > 0:
-                self._free_requeues -= 1
-                self._submit_to_pool()
             else:
-                if isinstance(value, KilledWorker):
-                    value = WorkerLostError(f"the slot process running this task died: {value}")
-                self.set_exception(value)
+                loss = self._cluster.loss_of(task.key, value)
+                decided = verdict(loss, 1)
+                if decided is Verdict.REQUEUE_PREEMPTED:
+                    self.preemptions += 1
+                    self._submit_to_pool()
+                elif decided is Verdict.REQUEUE_LOST:
+                    self._submit_to_pool()
+                else:  # documented: a submitted call's slot death is its own exception
+                    self.set_exception(loss.error)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by the user while the result arrived
         finally:
-            self._cluster.forget(key)
-            dask_future.release()
+            self._cluster.forget(task.key)
+            task.release()
 
     def _set_outcome(self, result: BatchResult) -> None:
         error = result.errors.get(0)
         if error is None:
             self.set_result(result.values[0])
             return
-        self.set_exception(
-            TaskError(
-                0,
-                exception=error.exception(),
-                remote_traceback=error.traceback,
-                worker=result.worker,
-                node=node_of(result.worker),
-                preemptions=self.preemptions,
-                item=self._item,
-            )
-        )
+        failure = item_error(0, error, result.worker, item=self._item, preemptions=self.preemptions)
+        self.set_exception(failure)
 
 
 _settling_thread: concurrent.futures.ThreadPoolExecutor | None = None
@@ -130,6 +117,22 @@ def _settler() -> concurrent.futures.ThreadPoolExecutor:
         return _settling_thread
 
 
+class ExecutorBackend(Protocol):
+    """What an executor needs of its pool: ``submit``, and streaming maps."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future: ...
+
+    def imap(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        options: MapOptions,
+        *,
+        ordered: bool,
+        deadline: float | None = None,
+    ) -> Iterator[Any]: ...
+
+
 class PoolExecutor(concurrent.futures.Executor):
     """A ``concurrent.futures.Executor`` view of a pool (``pool.executor()``).
 
@@ -138,8 +141,8 @@ class PoolExecutor(concurrent.futures.Executor):
     executor taking work; it does not close the pool.
     """
 
-    def __init__(self, pool: Pool, **map_options: Any) -> None:
-        self._pool = pool
+    def __init__(self, backend: ExecutorBackend, **map_options: Any) -> None:
+        self._backend = backend
         self._options = MapOptions.from_keywords(map_options, "executor()", progress=False)
         self._shutdown = False
         self._futures: set[concurrent.futures.Future[Any]] = set()
@@ -155,7 +158,7 @@ class PoolExecutor(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = self._pool.submit(fn, *args, **kwargs)
+            future = self._backend.submit(fn, *args, **kwargs)
             self._futures.add(future)
         future.add_done_callback(self._forget)
         return future
@@ -175,7 +178,7 @@ class PoolExecutor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._pool._imap(fn, iterables, self._options, ordered=True, deadline=deadline)
+        return self._backend.imap(fn, iterables, self._options, ordered=True, deadline=deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cluster import DaskCluster
 from .errors import InputError
-from .nodes import NodeInfo, NodeState
+from .loops import poll_until
+from .nodes import NodeInfo, NodeState, NodeView
 
 #: Seconds between looks at the nodes while a request waits.
 POLL = 0.05
@@ -37,16 +37,17 @@ class Lease:
 class GangScheduler:
     """Hands out whole nodes to MPI runs (see the module docstring).
 
-    ``nodes`` lists the pool's nodes as the pool shows them; ``capacity`` is the most
-    usable nodes the pool can ever have (its size, or autoscale's maximum); ``nudge`` asks
-    the pool to re-evaluate its size (autoscale) because a request waits.
+    ``nodes`` is the pool's view of its nodes, where the gang marks the nodes it holds;
+    ``capacity`` is the most usable nodes the pool can ever have (its size, or autoscale's
+    maximum); ``nudge`` asks the pool to re-evaluate its size (autoscale) because a
+    request waits.
     """
 
     def __init__(
         self,
         cluster: DaskCluster,
         *,
-        nodes: Callable[[], list[NodeInfo]],
+        nodes: NodeView,
         capacity: Callable[[], int],
         nudge: Callable[[], None],
     ) -> None:
@@ -57,11 +58,6 @@ class GangScheduler:
         self._lock = threading.Lock()
         self._queue: deque[Lease] = deque()
         self._held: dict[str, Lease] = {}  # node id -> the lease reserving or holding it
-
-    def held(self) -> frozenset[str]:
-        """Nodes reserved or leased by MPI runs: busy, as far as the rest of the pool knows."""
-        with self._lock:
-            return frozenset(self._held)
 
     def waiting_nodes(self) -> int:
         """Nodes the queued requests still lack (autoscale counts them as demand)."""
@@ -74,13 +70,17 @@ class GangScheduler:
         lease = Lease(count)
         with self._lock:
             self._queue.append(lease)
+
+        def complete() -> bool:
+            if self._try_to_complete(lease):
+                return True
+            self._nudge()
+            self._check_capacity(count)  # the pool may have shrunk meanwhile
+            return False
+
         try:
-            while True:
-                if self._try_to_complete(lease):
-                    return lease
-                self._nudge()
-                time.sleep(POLL)
-                self._check_capacity(count)
+            poll_until(complete, None, interval=POLL)
+            return lease
         except BaseException:
             self.release(lease)
             raise
@@ -93,6 +93,7 @@ class GangScheduler:
             freed = [node for node, owner in self._held.items() if owner is lease]
             for node in freed:
                 del self._held[node]
+            self._nodes.set_held(self._held)
         for node in freed:
             # Exception: the node or the pool is gone, and there is nothing to give back.
             with contextlib.suppress(Exception):
@@ -100,7 +101,7 @@ class GangScheduler:
 
     def lost(self, node_ids: list[str]) -> list[str]:
         """Which of these leased nodes no longer serve (preempted, removed, dead)."""
-        nodes = {n.id: n for n in self._nodes()}
+        nodes = {n.id: n for n in self._nodes.nodes()}
         return [i for i in node_ids if i not in nodes or not _serving(nodes[i])]
 
     def _check_capacity(self, count: int) -> None:
@@ -113,7 +114,7 @@ class GangScheduler:
             )
 
     def _try_to_complete(self, lease: Lease) -> bool:
-        nodes = {n.id: n for n in self._nodes()}
+        nodes = {n.id: n for n in self._nodes.nodes()}
         with self._lock:
             if not self._queue or self._queue[0] is not lease:
                 return False  # only the head of the queue reserves nodes
@@ -128,6 +129,7 @@ class GangScheduler:
             for node_id in newly:
                 lease.reserved.append(node_id)
                 self._held[node_id] = lease
+            self._nodes.set_held(self._held)
         for node_id in newly:
             self._cluster.drain(node_id)
         if len(lease.reserved) < lease.count:

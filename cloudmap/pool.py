@@ -1,77 +1,43 @@
-"""The public face: ``cloudmap.Pool``, its options, its calls and its lifetime.
+"""The public face: ``cloudmap.Pool``, its calls and its lifetime.
 
-A Pool owns a Dask scheduler (cluster glue), a provider that makes the nodes, and hands
-each ``map`` to a fresh :class:`~cloudmap.engine.MapEngine`. It never knows how a provider
-makes nodes.
+A Pool puts the layers together and delegates to them: the options are checked in
+:mod:`cloudmap.options`, the Dask scheduler is :mod:`cloudmap.cluster`, the nodes come from
+a provider and are seen through :class:`~cloudmap.nodes.NodeView`, the size over time is the
+:class:`~cloudmap.scaling.Scaler`'s, maps and submits are :class:`~cloudmap.work.Work`, MPI
+runs are :mod:`cloudmap.mpi`'s, and displays are :mod:`cloudmap.widgets`'. It never knows how
+a provider makes nodes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import dataclasses
-import functools
-import os
 import threading
-import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .autoscale import Autoscale
 from .cluster import DaskCluster
-from .commands import CommandTask, check_command
-from .engine import SKIPPED, MapEngine, MapOptions
-from .errors import (
-    InputError,
-    MpiError,
-    MpiTimeoutError,
-    NoNodesError,
-    PoolClosedError,
-    PoolStartError,
-    TaskError,
-)
+from .errors import InputError, MpiError, MpiTimeoutError, PoolClosedError
 from .futures import Future, PoolExecutor
 from .gang import GangScheduler
-from .jobs import Job, JobStep, JobSteps, release_node
+from .jobs import Job, JobStep
+from .lifetime import ClusterNodeEvents, teardown, wait_for_first_slot
 from .mpi import MpiResult, MpiRunner, RunOptions
-from .nodes import FINAL_STATES, NodeInfo, NodeState, merged_state
-from .payload import CALL_ARGS, Batch, dump_function, dump_items_batch
-from .progress import ProgressReporter, in_jupyter_kernel, make_reporter
-from .providers import PoolSpec, Provider, get_provider
-from .providers.base import NodeEvents, StartTask
-from .scaling import Scaler, ScalingSample, TaskCounts
-from .staging import Output, StagedCall, as_inputs, as_outputs
-from .validation import check_int, check_positive
+from .nodes import NodeFiles, NodeInfo, NodeView
+from .options import START_TIMEOUT, MapOptions, PoolOptions, autoscale_policy, check_spot
+from .progress import ProgressReporter, in_jupyter_kernel, make_reporter, set_notebook_reporter
+from .providers import PoolSpec, Provider
+from .providers.base import StartTask
+from .samples import ScalingSample, TaskCounts
+from .scaling import Scaler
+from .staging import Output
+from .validation import check_int
 from .watching import FuturesWatch
+from .work import Work
 
 if TYPE_CHECKING:
     from .widgets.pool_widget import PoolWidget
-
-_READY = (NodeState.IDLE, NodeState.RUNNING)
-#: Seconds a node that has served may be without any slot (its agent restarts slots that
-#: die within a few seconds) before it counts as unusable. Local nodes whose agent exits
-#: are unusable at once; a Batch node stays "idle" to Batch whatever became of cloudmap on
-#: it, so this is how the pool learns that such a VM no longer serves.
-SLOTS_LOST_GRACE = 20.0
-#: Seconds ``Pool(...)`` waits for its first node before giving up (``start_timeout=``).
-START_TIMEOUT = 120.0
-
-
-class _HybridMethod:
-    """A method that does one thing on the class and another on an instance:
-    ``Pool.plan("azure", ...)`` plans a new pool, ``pool.plan()`` shows an existing one."""
-
-    def __init__(self, on_class: Callable[..., Any], on_instance: Callable[..., Any]) -> None:
-        self._on_class = on_class
-        self._on_instance = on_instance
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Callable[..., Any]:
-        if instance is None:
-            return self._on_class
-        return functools.partial(self._on_instance, instance)
 
 
 class Pool:
@@ -146,9 +112,8 @@ class Pool:
         tls: bool | None = None,
         **provider_options: Any,
     ) -> None:
-        provider_class = get_provider(provider)
-        self.spec = _pool_spec(
-            provider_class,
+        checked = PoolOptions(
+            provider,
             nodes=nodes,
             spot_nodes=spot_nodes,
             autoscale=autoscale,
@@ -159,143 +124,64 @@ class Pool:
             resource_files=resource_files,
             packages=packages,
             storage_options=storage_options,
-        )
-        nodes = self.spec.nodes
-        if start_timeout is None:
-            start_timeout = provider_class.start_timeout or START_TIMEOUT
-        check_positive("start_timeout", start_timeout)
-        self._closed = False
+            start_timeout=start_timeout,
+            tls=tls,
+            provider_options=provider_options,
+        ).checked()
+        self.spec = checked.spec
+        self._closed = threading.Event()
         self._close_lock = threading.Lock()
-        self._seen: dict[str, tuple[NodeState, datetime]] = {}
-        self._served: set[str] = set()  # nodes whose slots have joined at some time
-        self._slots_lost: dict[str, datetime] = {}  # served nodes without a slot, since
-        self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
         self._widget: PoolWidget | None = None
         self._widget_lock = threading.Lock()
-        if tls is not None and not isinstance(tls, bool):
-            raise InputError(f"tls={tls!r} is not valid: pass True, False or None")
-        host, port = provider_class.listen_address(provider_options)
-        self._cluster = DaskCluster(
-            host, port=port, tls=provider_class.tls_by_default if tls is None else tls
-        )
+        host, port = checked.provider_class.listen_address(provider_options)
+        self._cluster = DaskCluster(host, port=port, tls=checked.tls)
         self.provider: Provider | None = None
         self._scaler: Scaler | None = None
         try:
-            self.provider = provider_class(self.spec, **provider_options)
-            self.provider.events = _ClusterNodeEvents(self._cluster)
-            self.provider.tls = self._cluster.node_tls()
-            self._cluster.node_taken = self.provider.node_taken
-            self._scaler = Scaler(
-                self.provider,
-                self._cluster,
-                nodes=_weakly(self, Pool.nodes),
-                backlog=_weakly(self, Pool._backlog),
-                slots_per_node=slots_per_node,
-                targets=(nodes, spot_nodes),
-                policy=autoscale,
-            )
-            self._gang = GangScheduler(
-                self._cluster,
-                nodes=_weakly(self, Pool.nodes),
-                capacity=_weakly(self, Pool._capacity),
-                nudge=self._scaler.nudge,
-            )
-            self._mpi = MpiRunner(self._cluster, self._gang, lambda: self._closed)
+            self.provider = checked.provider_class(self.spec, **provider_options)
+            parts = _assemble(self._cluster, self.provider, self.spec, autoscale, self._closed)
+            self._view, self._scaler, self._gang, self._work, self._mpi, self._backlog = parts
+            # Nothing the parts hold refers to the pool: a pool nobody holds is collected,
+            # and this finalizer tears it down.
             self._finalizer = weakref.finalize(
-                self, _teardown, self._scaler, self.provider, self._cluster
+                self, teardown, self._scaler, self.provider, self._cluster
             )
             self.provider.start(self._cluster.scheduler_address)
             self._scaler.start()
-            if nodes or spot_nodes:
-                self._wait_for_first_slot(start_timeout)
+            if self.spec.nodes or self.spec.spot_nodes:
+                wait_for_first_slot(self._cluster, self.provider, self.spec, checked.start_timeout)
         except BaseException:
-            self._closed = True
-            _teardown(self._scaler, self.provider, self._cluster)
+            self._closed.set()
+            teardown(self._scaler, self.provider, self._cluster)
             raise
 
-    @staticmethod
-    def _plan_new(
-        provider: str = "local",
-        *,
-        nodes: int | None = None,
-        spot_nodes: int = 0,
-        autoscale: Autoscale | None = None,
-        slots_per_node: int = 1,
-        start_task: StartTask = None,
-        start_task_timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        resource_files: Sequence[str | tuple[str, str]] = (),
-        packages: Sequence[str] = (),
-        storage_options: dict[str, Any] | None = None,
-        **provider_options: Any,
-    ) -> dict[str, Any]:
-        """``cloudmap.Pool.plan(provider, ...)``: see :attr:`plan`."""
-        provider_class = get_provider(provider)
-        spec = _pool_spec(
-            provider_class,
-            nodes=nodes,
-            spot_nodes=spot_nodes,
-            autoscale=autoscale,
-            slots_per_node=slots_per_node,
-            start_task=start_task,
-            start_task_timeout=start_task_timeout,
-            env=env,
-            resource_files=resource_files,
-            packages=packages,
-            storage_options=storage_options,
-        )
-        return provider_class.plan(spec, **provider_options)
+    @classmethod
+    def plan(cls, provider: str, /, **options: Any) -> dict[str, Any]:
+        """What a new pool would ask its provider for, as JSON-ready data, secrets hidden.
 
-    def _plan_of_this_pool(self) -> dict[str, Any]:
-        """``pool.plan()``: what this pool asked its provider for (secrets hidden)."""
+        Takes ``Pool``'s arguments and creates nothing, needing no credentials::
+
+            cloudmap.Pool.plan("azure", vm_size="Standard_D4s_v5", nodes=2, ...)
+
+        For Azure: the exact "add pool" body (``vmSize``, ``targetDedicatedNodes``,
+        ``targetLowPriorityNodes``, ``taskSlotsPerNode``, ``startTask``, ...).
+        ``python -m cloudmap plan`` prints it; :meth:`planned` shows a live pool's.
+        """
+        checked = PoolOptions.from_keywords(provider, options).checked()
+        return checked.provider_class.plan(checked.spec, **checked.provider_options)
+
+    def planned(self) -> dict[str, Any]:
+        """What this pool asked its provider for, as :meth:`plan` shows it (secrets hidden)."""
         return self._provider().planned()
 
-    plan = _HybridMethod(_plan_new, _plan_of_this_pool)
-    """What a pool asks its provider for, as JSON-ready data, secrets hidden.
-
-    ``cloudmap.Pool.plan("azure", vm_size=..., nodes=2, ...)`` takes ``Pool``'s arguments
-    and creates nothing, needing no credentials; ``pool.plan()`` on a pool gives what it
-    asked for. For Azure: the exact "add pool" body (``vmSize``, ``targetDedicatedNodes``,
-    ``targetLowPriorityNodes``, ``taskSlotsPerNode``, ``startTask``, ...).
-    ``python -m cloudmap plan`` prints it.
-    """
-
     # -- lifetime -------------------------------------------------------------------------
-
-    def _wait_for_first_slot(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        next_check = time.monotonic() + 1.0
-        while self._cluster.slot_count(max_age=0) == 0:
-            nodes = self._provider().list_nodes()
-            failed = [n for n in nodes if n.state in FINAL_STATES]
-            if nodes and len(failed) == len(nodes):
-                raise PoolStartError(_start_failure_message(nodes, self.spec), nodes)
-            if len(failed) == len(nodes) and time.monotonic() > next_check:
-                # Nothing on the way: did the provider say why (quota, allocation timeout)?
-                next_check = time.monotonic() + 1.0
-                errors = self._provider().allocation_errors()
-                if errors:
-                    raise PoolStartError(
-                        "the provider could not allocate the pool's nodes: "
-                        + "; ".join(errors)
-                        + ". The pool was removed.",
-                        nodes,
-                    )
-            if time.monotonic() > deadline:
-                raise PoolStartError(
-                    f"no node of the pool became ready within start_timeout={timeout:g} s "
-                    f"(states: {', '.join(f'{n.id}={n.state}' for n in nodes)}); the pool was "
-                    "removed. Raise start_timeout= or check the start task.",
-                    nodes,
-                )
-            time.sleep(0.02)
 
     def close(self) -> None:
         """Remove every node and stop the scheduler. Safe to call twice."""
         with self._close_lock:
-            if self._closed:
+            if self._closed.is_set():
                 return
-            self._closed = True
+            self._closed.set()
         self._finalizer()
 
     def __enter__(self) -> Pool:
@@ -306,10 +192,10 @@ class Pool:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed.is_set()
 
     def _provider(self) -> Provider:
-        if self._closed or self.provider is None:
+        if self._closed.is_set() or self.provider is None:
             raise PoolClosedError(
                 "this pool is closed; create a new cloudmap.Pool(...) to run more work"
             )
@@ -352,7 +238,7 @@ class Pool:
         if spot_nodes is not None:
             check_int("spot_nodes", spot_nodes, minimum=0)
             if spot_nodes:
-                _check_spot(type(self._provider()), "pass spot_nodes=0")
+                check_spot(type(self._provider()), "pass spot_nodes=0")
             spot = spot_nodes
         scaler.resize(dedicated, spot, deallocation)
 
@@ -368,27 +254,7 @@ class Pool:
         idle for ``idle_timeout``, and replaces preempted spot nodes.
         """
         scaler = self._scaling()
-        if policy is None or policy is False:
-            if settings:
-                raise InputError("pool.autoscale(None) turns autoscale off; it takes no settings")
-            scaler.set_policy(None)
-            return None
-        if policy is True:
-            base = scaler.policy or Autoscale()
-        elif isinstance(policy, Autoscale):
-            base = policy
-        else:
-            raise InputError(
-                f"autoscale({policy!r}) is not valid: pass cloudmap.Autoscale(...), settings "
-                "such as max_nodes=8, or None to turn it off"
-            )
-        try:
-            new = dataclasses.replace(base, **settings)
-        except TypeError as exc:
-            names = ", ".join(f.name for f in dataclasses.fields(Autoscale))
-            raise InputError(f"{exc}; the settings of autoscale are: {names}") from None
-        if new.spot:
-            _check_spot(type(self._provider()), "pass Autoscale(spot=False)")
+        new = autoscale_policy(scaler.policy, policy, settings, type(self._provider()))
         scaler.set_policy(new)
         return new
 
@@ -409,9 +275,7 @@ class Pool:
         self._provider()
         running, waiting = self._cluster.work_counts()
         return TaskCounts(
-            queued=waiting + self._backlog(),
-            running=running,
-            done=self._cluster.finished_tasks,
+            queued=waiting + self._backlog(), running=running, done=self._cluster.finished_tasks
         )
 
     def allocation_errors(self) -> list[str]:
@@ -431,20 +295,6 @@ class Pool:
         3,600 are kept, about an hour.
         """
         return self._scaling().history()
-
-    def _backlog(self) -> int:
-        """Tasks' worth of work not sent yet (for autoscale): the maps' unsent input, and
-        whole nodes that waiting MPI runs still lack."""
-        mpi = self._gang.waiting_nodes() * self.spec.slots_per_node
-        return mpi + sum(engine.backlog_tasks() for engine in list(self._engines))
-
-    def _capacity(self) -> int:
-        """The most usable nodes this pool can have: autoscale's maximum, or the nodes it
-        has that serve or will (failed and for-good preempted nodes do not)."""
-        policy = self._scaling().policy
-        if policy is not None:
-            return policy.max_nodes
-        return sum(1 for n in self.nodes() if n.state not in FINAL_STATES or n.restoring)
 
     # -- Dask ------------------------------------------------------------------------------
 
@@ -480,53 +330,8 @@ class Pool:
 
     def nodes(self) -> list[NodeInfo]:
         """Every node with its state: the provider's word, merged with the scheduler's."""
-        provider_nodes = self._provider().list_nodes()
-        leaving = self._scaling().leaving()
-        held = self._gang.held()
-        slots = self._cluster.slots_by_node()
-        now = datetime.now(timezone.utc)
-        infos = []
-        for node in provider_nodes:
-            joined = slots.get(node.id, [])
-            busy = sum(1 for _, processing in joined if processing)
-            state = merged_state(node.state, len(joined), busy)
-            if node.id in leaving:
-                state = NodeState.LEAVING
-            elif node.id in held and state in _READY:
-                state, busy = NodeState.RUNNING, node.slots  # an MPI run holds it whole
-            state = self._unless_slots_lost(node.id, state, now)
-            since = node.since
-            if node.state == "ready" or node.id in leaving:  # the pool's own observation time
-                previous = self._seen.get(node.id)
-                since = previous[1] if previous and previous[0] == state else now
-            self._seen[node.id] = (state, since)
-            infos.append(
-                NodeInfo(
-                    id=node.id,
-                    state=state,
-                    dedicated=node.dedicated,
-                    slots=node.slots,
-                    since=since,
-                    busy_slots=busy,
-                    workers=tuple(address for address, _ in joined),
-                    start_task=node.start_task,
-                    restoring=node.restoring,
-                )
-            )
-        return infos
-
-    def _unless_slots_lost(self, node_id: str, state: NodeState, now: datetime) -> NodeState:
-        """``unusable`` for a node that has served and has had no slot for
-        SLOTS_LOST_GRACE (the provider may still call it ready); else ``state``."""
-        if state != NodeState.STARTING or node_id not in self._served:
-            if state in _READY:
-                self._served.add(node_id)
-                self._slots_lost.pop(node_id, None)
-            return state
-        lost = self._slots_lost.setdefault(node_id, now)
-        if (now - lost).total_seconds() > SLOTS_LOST_GRACE:
-            return NodeState.UNUSABLE
-        return state
+        self._provider()
+        return self._view.nodes()
 
     def wait_for_nodes(self, count: int | None = None, timeout: float = START_TIMEOUT) -> None:
         """Block until ``count`` nodes have every slot connected (default: the targets,
@@ -535,40 +340,14 @@ class Pool:
         ``Pool(...)`` returns as soon as one slot can take work; call this before timing
         something, or to fail early when nodes cannot start.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            nodes = self.nodes()
-            lost = sum(1 for n in nodes if n.state in FINAL_STATES and not n.restoring)
-            wanted = max(0, sum(self.targets) - lost) if count is None else count
-            ready = [n for n in nodes if n.state in _READY and len(n.workers) >= n.slots]
-            if len(ready) >= wanted:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(ready)} of {wanted} nodes ready after {timeout:g} s: "
-                    + ", ".join(f"{n.id}={n.state}" for n in nodes)
-                )
-            time.sleep(0.05)
-
-    def _slots(self) -> int:
-        """Slots to plan batches for: connected ones, or those on the way while nodes start."""
         self._provider()
-        connected = self._cluster.slot_count()
-        if connected:
-            return connected
-        nodes = self.nodes()  # as the pool sees them: a node that lost its slots is unusable
-        coming = sum(n.slots for n in nodes if n.state not in FINAL_STATES or n.restoring)
-        scaler = self._scaling()
-        policy = scaler.policy
-        failed = sum(1 for n in nodes if n.state in FINAL_STATES and not n.restoring)
-        if not coming and policy is not None and failed < policy.max_nodes:
-            scaler.nudge()  # evaluate now rather than at the next interval
-            return self.spec.slots_per_node  # the work itself will bring nodes
-        if not coming:
-            raise NoNodesError(
-                "the pool has no usable nodes; see pool.nodes() for why, and create a new pool"
-            )
-        return coming
+        self._view.wait_for(count, lambda: self.targets, timeout)
+
+    def node(self, node_id: str) -> NodeFiles:
+        """One node's files: ``pool.node("node-0").read_file("startup/stdout.txt")``."""
+        if node_id not in {n.id for n in self._provider().list_nodes()}:
+            raise InputError(f"there is no node {node_id!r} in this pool; see pool.nodes()")
+        return NodeFiles(self._provider(), node_id)
 
     # -- work ------------------------------------------------------------------------------
 
@@ -579,96 +358,7 @@ class Pool:
         >>> future.result()                     # doctest: +SKIP
         1024
         """
-        self._slots()
-        fn_blob = dump_function(fn)
-        item = (args, kwargs)
-        blob = dump_items_batch(Batch(CALL_ARGS, None, None, range(1), [item]))
-        return Future(self._cluster, fn_blob, blob, item)
-
-    def node(self, node_id: str) -> NodeFiles:
-        """One node's files: ``pool.node("node-0").read_file("startup/stdout.txt")``."""
-        if node_id not in {n.id for n in self._provider().list_nodes()}:
-            raise InputError(f"there is no node {node_id!r} in this pool; see pool.nodes()")
-        return NodeFiles(self._provider(), node_id)
-
-    def run(
-        self,
-        command: str,
-        items: Iterable[Any],
-        *,
-        inputs: str | Sequence[str] | None = None,
-        outputs: str | Output | Sequence[str | Output] | None = None,
-        storage_options: dict[str, Any] | None = None,
-        retries: int = 0,
-        timeout: float | None = None,
-        on_error: str = "raise",
-        progress: Any = None,
-    ) -> list[Any]:
-        """Run a shell command once per item; return one :class:`~cloudmap.CommandResult`
-        per item, in order.
-
-        ``{item}`` and ``{index}`` in the command are the item and its position, ``{input}``
-        and ``{output}`` the local paths of the item's first input and output file
-        (``{inputs}``, ``{outputs}``: all of them), quoted for the shell::
-
-            pool.run("tr a-z A-Z < {input} > {output}", ["a", "b"],
-                     inputs="file:///data/in/{item}.txt",
-                     outputs="file:///data/out/{item}.txt")
-
-        Each item runs in a fresh working directory holding its inputs, with stdout and
-        stderr kept there as ``stdout.txt`` and ``stderr.txt``; ``{output}`` paths are in
-        its ``outputs/`` subdirectory, so an output may share an input's file name. A
-        non-zero exit fails the item with a :class:`~cloudmap.TaskError` whose exception is a
-        :class:`~cloudmap.CommandError` carrying the end of stderr. The other options are
-        those of :meth:`map`.
-        """
-        options = MapOptions(
-            None, None, retries, timeout, on_error, progress, inputs, outputs, storage_options
-        )
-        return self._run(command, items, options, job=None)
-
-    def _run(
-        self, command: str, items: Iterable[Any], options: MapOptions, *, job: Job | None
-    ) -> list[Any]:
-        task = CommandTask(
-            check_command(
-                command,
-                has_inputs=bool(as_inputs(options.inputs)),
-                has_outputs=bool(as_outputs(options.outputs)),
-            )
-        )
-        return self._map_all(
-            task, (items,), options, label="run", staged=True, outputs_dir="outputs", job=job
-        )
-
-    def job(self, prepare: JobStep = None, release: JobStep = None) -> Job:
-        """A job whose ``prepare`` (shell command or callable) runs once on each node before
-        that node's first task of the job, and whose ``release`` runs on every node that was
-        prepared when the job ends, failure included::
-
-            with pool.job(prepare="tar xf $CLOUDMAP_NODE_SHARED_DIR/app.tar",
-                          release="rm -rf scratch") as job:
-                results = job.map(simulate, cases)
-
-        Both run in the node's job directory (``CLOUDMAP_JOB_DIR``). A failed preparation
-        fails the job's tasks on that node with ``JobPreparationError``.
-        """
-        self._provider()
-        return Job(self, prepare, release)
-
-    def _release_job(self, steps: JobSteps) -> dict[str, str]:
-        """Run a job's release on every node with a connected slot; failures by node."""
-        failures: dict[str, str] = {}
-        for node in self.nodes():
-            if not node.workers:
-                continue
-            try:
-                error = self._cluster.run_on(node.workers[0], release_node, steps)
-            except Exception:  # the node went away meanwhile: nothing left to release
-                continue
-            if error:
-                failures[node.id] = str(error)
-        return failures
+        return self._work.submit(fn, *args, **kwargs)
 
     def map(
         self,
@@ -718,52 +408,9 @@ class Pool:
         [11, 22]
         """
         options = MapOptions(
-            seed,
-            batch_size,
-            retries,
-            timeout,
-            on_error,
-            progress,
-            inputs,
-            outputs,
-            storage_options,
+            seed, batch_size, retries, timeout, on_error, progress, inputs, outputs, storage_options
         )
-        return self._map_all(fn, iterables, options, label="map")
-
-    def _map_all(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        options: MapOptions,
-        *,
-        label: str,
-        staged: bool = False,
-        outputs_dir: str = "",
-        job: Job | None = None,
-    ) -> list[Any]:
-        engine = self._engine(
-            fn,
-            iterables,
-            options,
-            ordered=True,
-            label=label,
-            staged=staged,
-            outputs_dir=outputs_dir,
-            job=job,
-        )
-        results: list[Any] = []
-        try:
-            engine.start()
-            for _, values in engine.chunks():
-                results.extend(values)
-        except (TaskError, InputError) as exc:
-            # Chunks arrive in input order, so results[i] is item i's value.
-            done = {i: v for i, v in enumerate(results) if v is not SKIPPED}
-            exc.results = {**done, **exc.results}
-            raise
-        if options.on_error == "skip":
-            results = [value for value in results if value is not SKIPPED]
-        return results
+        return self._work.map_all(fn, iterables, options)
 
     def imap(
         self,
@@ -787,76 +434,65 @@ class Pool:
         Work starts at the call; stopping the iteration cancels what is still queued.
         """
         options = MapOptions(
-            seed,
-            batch_size,
-            retries,
-            timeout,
-            on_error,
-            progress,
-            inputs,
-            outputs,
-            storage_options,
+            seed, batch_size, retries, timeout, on_error, progress, inputs, outputs, storage_options
         )
-        return self._imap(fn, iterables, options, ordered=ordered)
+        return self._work.imap(fn, iterables, options, ordered=ordered)
 
-    def _imap(
+    def run(
         self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        options: MapOptions,
+        command: str,
+        items: Iterable[Any],
         *,
-        ordered: bool,
-        deadline: float | None = None,
-        job: Job | None = None,
-    ) -> Iterator[Any]:
-        label = "imap" if ordered else "imap-unordered"
-        engine = self._engine(fn, iterables, options, ordered=ordered, label=label, job=job)
-        engine.start()
-        return _values(engine, deadline)
+        inputs: str | Sequence[str] | None = None,
+        outputs: str | Output | Sequence[str | Output] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+    ) -> list[Any]:
+        """Run a shell command once per item; return one :class:`~cloudmap.CommandResult`
+        per item, in order.
+
+        ``{item}`` and ``{index}`` in the command are the item and its position, ``{input}``
+        and ``{output}`` the local paths of the item's first input and output file
+        (``{inputs}``, ``{outputs}``: all of them), quoted for the shell::
+
+            pool.run("tr a-z A-Z < {input} > {output}", ["a", "b"],
+                     inputs="file:///data/in/{item}.txt",
+                     outputs="file:///data/out/{item}.txt")
+
+        Each item runs in a fresh working directory holding its inputs, with stdout and
+        stderr kept there as ``stdout.txt`` and ``stderr.txt``; ``{output}`` paths are in
+        its ``outputs/`` subdirectory, so an output may share an input's file name. A
+        non-zero exit fails the item with a :class:`~cloudmap.TaskError` whose exception is a
+        :class:`~cloudmap.CommandError` carrying the end of stderr. The other options are
+        those of :meth:`map`.
+        """
+        options = MapOptions(
+            None, None, retries, timeout, on_error, progress, inputs, outputs, storage_options
+        )
+        return self._work.run(command, items, options)
+
+    def job(self, prepare: JobStep = None, release: JobStep = None) -> Job:
+        """A job whose ``prepare`` (shell command or callable) runs once on each node before
+        that node's first task of the job, and whose ``release`` runs on every node that was
+        prepared when the job ends, failure included::
+
+            with pool.job(prepare="tar xf $CLOUDMAP_NODE_SHARED_DIR/app.tar",
+                          release="rm -rf scratch") as job:
+                results = job.map(simulate, cases)
+
+        Both run in the node's job directory (``CLOUDMAP_JOB_DIR``). A failed preparation
+        fails the job's tasks on that node with ``JobPreparationError``.
+        """
+        self._provider()
+        return Job(self._work, prepare, release)
 
     def executor(self, **map_options: Any) -> PoolExecutor:
         """A ``concurrent.futures.Executor`` backed by this pool (it does not own the pool)."""
         self._provider()
-        return PoolExecutor(self, **map_options)
-
-    def _engine(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        options: MapOptions,
-        *,
-        ordered: bool,
-        label: str,
-        staged: bool = False,
-        outputs_dir: str = "",
-        job: Job | None = None,
-    ) -> MapEngine:
-        self._slots()
-        options = options.checked(fn)
-        if staged or options.inputs or options.outputs:
-            fn = StagedCall(
-                fn,
-                star=len(iterables) > 1,
-                inputs=options.inputs,
-                outputs=options.outputs,
-                job=f"{label}-{uuid.uuid4().hex[:8]}",
-                storage_options=dict(options.storage_options or {}),
-                outputs_dir=outputs_dir,
-            )
-        if job is not None:  # outermost: the node is prepared before inputs download
-            fn = job.wrap(fn)
-        engine = MapEngine(
-            self._cluster,
-            fn,
-            iterables,
-            options,
-            slots=self._slots,
-            is_closed=lambda: self._closed,
-            ordered=ordered,
-            label=label,
-        )
-        self._engines.add(engine)
-        return engine
+        return PoolExecutor(self._work, **map_options)
 
     # -- MPI --------------------------------------------------------------------------------
 
@@ -951,7 +587,7 @@ class Pool:
         """
         self._provider()
         options = RunOptions(nodes_per_run, ranks_per_node, timeout, coordination, env).checked()
-        at_once = max(1, self._capacity() // nodes_per_run)
+        at_once = max(1, self._view.capacity(self._scaling().max_nodes) // nodes_per_run)
         return self._mpi.map(
             fn, params, options, runs_at_once=at_once, root_only=root_only, progress=progress
         )
@@ -1005,7 +641,7 @@ class Pool:
         return watch
 
     def __repr__(self) -> str:
-        if self._closed or self.provider is None:
+        if self._closed.is_set() or self.provider is None:
             return "<cloudmap.Pool closed>"
         nodes = self.nodes()
         counts: dict[str, int] = {}
@@ -1022,178 +658,73 @@ class Pool:
         )
 
 
-def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:
-    for _, values in engine.chunks(deadline):
-        for value in values:
-            if value is not SKIPPED:
-                yield value
+class _Parts(NamedTuple):
+    view: NodeView
+    scaler: Scaler
+    gang: GangScheduler
+    work: Work
+    mpi: MpiRunner
+    backlog: Callable[[], int]
 
 
-class NodeFiles:
-    """Files of one node, read through its provider (``pool.node(node_id)``)."""
-
-    def __init__(self, provider: Provider, node_id: str) -> None:
-        self._provider = provider
-        self.id = node_id
-
-    def read_file(self, path: str, *, binary: bool = False) -> Any:
-        """A file under the node's root directory, e.g. ``"startup/stdout.txt"`` or a task's
-        ``"tasks/run-.../item-0-.../stderr.txt"`` (text unless ``binary=True``)."""
-        data = self._provider.read_file(self.id, path)
-        return data if binary else data.decode(errors="replace")
-
-    def __repr__(self) -> str:
-        return f"<cloudmap node {self.id}>"
-
-
-def _pool_spec(
-    provider_class: type[Provider],
-    *,
-    nodes: int | None,
-    spot_nodes: int,
+def _assemble(
+    cluster: DaskCluster,
+    provider: Provider,
+    spec: PoolSpec,
     autoscale: Autoscale | None,
-    slots_per_node: int,
-    start_task: StartTask,
-    start_task_timeout: float | None,
-    env: dict[str, str] | None,
-    resource_files: Sequence[str | tuple[str, str]],
-    packages: Sequence[str],
-    storage_options: dict[str, Any] | None,
-) -> PoolSpec:
-    """Check the pool's provider-independent arguments and make its :class:`PoolSpec`
-    (shared by ``Pool(...)`` and ``Pool.plan(...)``, so both refuse the same input)."""
-    check_int("slots_per_node", slots_per_node, minimum=1)
-    if autoscale is not None and not isinstance(autoscale, Autoscale):
-        raise InputError(f"autoscale={autoscale!r} is not valid: pass cloudmap.Autoscale(...)")
-    if nodes is None and provider_class.default_nodes is not None:
-        nodes = 0 if autoscale else provider_class.default_nodes
-    if nodes is None:
-        nodes = 0 if autoscale else max(1, (os.cpu_count() or 1) // slots_per_node)
-    check_int("nodes", nodes, minimum=0)
-    check_int("spot_nodes", spot_nodes, minimum=0)
-    if start_task_timeout is not None:
-        check_positive("start_task_timeout", start_task_timeout)
-    if start_task is not None and not (isinstance(start_task, str) or callable(start_task)):
-        raise InputError(
-            f"start_task={start_task!r} is neither a shell command string nor a callable"
-        )
-    if spot_nodes:
-        _check_spot(provider_class, "pass spot_nodes=0")
-    if autoscale and autoscale.spot:
-        _check_spot(provider_class, "pass Autoscale(spot=False)")
-    return PoolSpec(
-        nodes,
-        slots_per_node,
-        start_task,
-        start_task_timeout,
-        {str(k): str(v) for k, v in (env or {}).items()},
-        spot_nodes=spot_nodes,
-        resource_files=_resource_files(resource_files),
-        packages=_packages(packages),
-        storage_options=_storage_options(storage_options),
+    closed: threading.Event,
+) -> _Parts:
+    """Connect a pool's parts to each other, and none of them to the Pool itself: the
+    scaler's thread reaches all of them, and must not keep a dropped pool alive."""
+    provider.events = ClusterNodeEvents(cluster)
+    provider.tls = cluster.node_tls()
+    cluster.node_taken = provider.node_taken
+    view = NodeView(provider, cluster)
+
+    def backlog() -> int:
+        """Tasks' worth of work not sent yet (for autoscale): the maps' unsent input, and
+        whole nodes that waiting MPI runs still lack."""
+        return gang.waiting_nodes() * spec.slots_per_node + work.backlog_tasks()
+
+    scaler = Scaler(
+        provider,
+        cluster,
+        nodes=view,
+        backlog=backlog,
+        slots_per_node=spec.slots_per_node,
+        targets=(spec.nodes, spec.spot_nodes),
+        policy=autoscale,
+    )
+    gang = GangScheduler(
+        cluster,
+        nodes=view,
+        capacity=lambda: view.capacity(scaler.max_nodes),
+        nudge=scaler.nudge,
     )
 
-
-def _resource_files(files: Sequence[str | tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for entry in [files] if isinstance(files, str) else files:
-        pair = (entry, "") if isinstance(entry, str) else entry
-        if not (
-            isinstance(pair, (tuple, list))
-            and len(pair) == 2
-            and all(isinstance(part, str) for part in pair)
-            and pair[0]
-        ):
-            raise InputError(
-                f"resource_files entry {entry!r} is not valid: pass URLs, or (url, path) pairs"
+    def slots() -> int:
+        """Slots to plan batches for: connected ones, or those on the way while nodes
+        start; with none, but autoscale to bring them, one node's worth."""
+        if closed.is_set():
+            raise PoolClosedError(
+                "this pool is closed; create a new cloudmap.Pool(...) to run more work"
             )
-        url, path = pair
-        path = path or url.rstrip("/").rsplit("/", 1)[-1]
-        if path.startswith("/") or ".." in path.split("/"):
-            raise InputError(f"resource file path {path!r} must stay inside the shared directory")
-        pairs.append((url, path))
-    return tuple(pairs)
+        planned = view.slots_to_plan(scaler.max_nodes)
+        if planned is None:
+            scaler.nudge()  # evaluate now rather than at the next interval
+            return spec.slots_per_node
+        return planned
+
+    work = Work(cluster, slots=slots, nodes=view.nodes, is_closed=closed.is_set)
+    mpi = MpiRunner(cluster, gang, closed.is_set)
+    return _Parts(view, scaler, gang, work, mpi, backlog)
 
 
-def _packages(packages: Sequence[str]) -> tuple[str, ...]:
-    listed = [packages] if isinstance(packages, str) else list(packages)
-    for package in listed:
-        if not isinstance(package, str) or not package.strip():
-            raise InputError(f"packages entry {package!r} is not a pip requirement string")
-    return tuple(listed)
+def _notebook_progress() -> ProgressReporter:
+    """In a Jupyter kernel, progress is cloudmap's progress widget (imported when used)."""
+    from .widgets.progress_widget import ProgressWidget
+
+    return ProgressWidget()
 
 
-def _storage_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    if options is not None and not isinstance(options, dict):
-        raise InputError("storage_options must be a dict of fsspec options")
-    return dict(options or {})
-
-
-def _check_spot(provider_class: type[Provider], fix: str) -> None:
-    if not provider_class.supports_spot:
-        raise InputError(
-            f"the {provider_class.name!r} provider has no spot nodes; {fix}, "
-            "or use a provider with spot capacity"
-        )
-
-
-class _ClusterNodeEvents(NodeEvents):
-    """Passes a provider's word about departing nodes to the scheduler (see NodeEvents)."""
-
-    def __init__(self, cluster: DaskCluster) -> None:
-        self._cluster = cluster
-
-    def draining(self, node_id: str) -> None:
-        with contextlib.suppress(Exception):  # a closing pool schedules nothing anyway
-            self._cluster.drain(node_id)
-
-    def lost(self, node_id: str) -> None:
-        self._cluster.mark_lost(node_id)
-
-
-def _weakly(pool: Pool, method: Callable[[Pool], Any]) -> Callable[[], Any]:
-    """``method`` bound to ``pool`` without keeping the pool alive (for the scaling thread),
-    so that a pool nobody holds is still collected and torn down."""
-    ref = weakref.ref(pool)
-
-    def call() -> Any:
-        target = ref()
-        if target is None:
-            raise PoolClosedError("the pool is gone")
-        return method(target)
-
-    return call
-
-
-def _teardown(scaler: Scaler | None, provider: Provider | None, cluster: DaskCluster) -> None:
-    try:
-        if scaler is not None:
-            scaler.stop()
-        if provider is not None:
-            provider.events = NodeEvents()  # nobody to tell: every task is being dropped
-        cluster.close_client()  # first, so no future holds results on nodes being removed
-        if provider is not None:
-            provider.close()
-    finally:
-        cluster.close()
-
-
-def _start_failure_message(nodes: list[Any], spec: PoolSpec) -> str:
-    first = nodes[0]
-    step = "start task"
-    if spec.resource_files or spec.packages:
-        setup = "node setup (resource files, packages)"
-        step = f"{step} or {setup}" if spec.start_task is not None else setup
-    message = f"no node of the pool could start: {len(nodes)} node(s) {first.state}."
-    if first.start_task is not None:
-        message += f" The {step} of {first.id} exited with {first.start_task.exit_code}"
-        for stream in ("stdout", "stderr"):
-            tail = getattr(first.start_task, stream).strip()[-1500:]
-            if tail:
-                message += f"\n--- {stream} (end) ---\n{tail}"
-        message += f"\nFix the {step} and create the pool again."
-    elif first.reason:
-        message += f" {first.id}: {first.reason}\nThe pool was removed."
-    else:
-        message += " Check the node logs; the pool was removed."
-    return message
+set_notebook_reporter(_notebook_progress)

@@ -11,12 +11,9 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .scaling import ScalingSample
+from .samples import ScalingSample
 
 
 @dataclass(frozen=True)

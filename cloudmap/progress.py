@@ -1,8 +1,9 @@
 """Progress reporting for map, imap and friends: a tiny protocol any display can plug into.
 
 The map engine calls ``start``, ``update`` and ``close`` on a reporter with a
-:class:`ProgressCounts`. In a terminal the reporter is a tqdm bar; notebook widgets register
-themselves with :func:`set_default_reporter_factory`, which is the hook they use.
+:class:`ProgressCounts`. In a terminal the reporter is a tqdm bar; in a Jupyter kernel, the
+progress widget that cloudmap registers with :func:`set_notebook_reporter`.
+:func:`set_default_reporter_factory` replaces both.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class ProgressReporter(Protocol):
 ReporterFactory = Callable[[], ProgressReporter | None]
 
 _default_factory: ReporterFactory | None = None
+_notebook_factory: ReporterFactory | None = None
 
 
 def set_default_reporter_factory(factory: ReporterFactory | None) -> None:
@@ -71,6 +73,16 @@ def set_default_reporter_factory(factory: ReporterFactory | None) -> None:
     """
     global _default_factory
     _default_factory = factory
+
+
+def set_notebook_reporter(factory: ReporterFactory | None) -> None:
+    """Choose the display of progress inside a Jupyter kernel when nothing else is chosen.
+
+    cloudmap's progress widget registers here (from :mod:`cloudmap.pool`), so that this
+    module, which the widgets build on, never imports them.
+    """
+    global _notebook_factory
+    _notebook_factory = factory
 
 
 class TqdmReporter:
@@ -122,10 +134,10 @@ def make_reporter(progress: Any) -> ProgressReporter | None:
         reporter = _default_factory()
         if reporter is not None:
             return reporter
-    if in_jupyter_kernel():
-        from .widgets.progress_widget import ProgressWidget
-
-        return ProgressWidget()
+    if _notebook_factory is not None and in_jupyter_kernel():
+        reporter = _notebook_factory()
+        if reporter is not None:
+            return reporter
     if progress is True or _stderr_is_terminal():
         return TqdmReporter()
     return None

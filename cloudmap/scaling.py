@@ -17,14 +17,15 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .autoscale import Autoscale, KindCounts, ScalingInputs, decide
 from .cluster import DaskCluster
 from .errors import InputError, PoolClosedError
-from .nodes import NodeInfo, NodeState
+from .loops import Periodic
+from .nodes import NodeInfo, NodeState, NodeView
 from .providers import Provider
+from .samples import ScalingSample
 
 logger = logging.getLogger(__name__)
 
@@ -75,41 +76,12 @@ _NOT_SERVING = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class ScalingSample:
-    """The pool at one moment: what the widgets draw.
-
-    ``dedicated`` and ``spot`` count the nodes of each kind the pool holds (preempted and
-    failed ones included, as Batch's current node counts do; nodes on their way out not);
-    ``states`` counts every node by state.
-    """
-
-    time: datetime
-    target_dedicated: int
-    target_spot: int
-    dedicated: int
-    spot: int
-    states: dict[str, int]
-    queued_tasks: int
-    running_tasks: int
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class TaskCounts:
-    """Dask tasks of a pool now (``pool.task_counts()``); ``done`` counts since it started."""
-
-    queued: int
-    running: int
-    done: int
-
-
 class Scaler:
     """Targets, resizes, departures, autoscale and history of one pool.
 
-    ``nodes`` lists the pool's nodes (merged with the scheduler's view) and ``backlog`` is
-    the work the pool's maps have not sent yet, in tasks. Both may raise
-    :class:`~cloudmap.PoolClosedError`, which ends the loop.
+    ``nodes`` is the pool's view of its nodes, where the scaler marks the nodes it is
+    removing; ``backlog`` is the work the pool's maps have not sent yet, in tasks. A
+    :class:`~cloudmap.PoolClosedError` from either ends the loop.
     """
 
     def __init__(
@@ -117,7 +89,7 @@ class Scaler:
         provider: Provider,
         cluster: DaskCluster,
         *,
-        nodes: Callable[[], list[NodeInfo]],
+        nodes: NodeView,
         backlog: Callable[[], int],
         slots_per_node: int,
         targets: tuple[int, int],
@@ -136,29 +108,32 @@ class Scaler:
         self._history: deque[ScalingSample] = deque(maxlen=HISTORY_LENGTH)
         self._allocation_errors: list[str] = []
         self._allocation_checked = -ALLOCATION_CHECK
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cloudmap-scaler", daemon=True)
+        self._lock = threading.Lock()
+        self._loop = Periodic(
+            self.tick,
+            self._interval,
+            "cloudmap-scaler",
+            first_now=True,
+            keep_going=True,
+            stop_on=(PoolClosedError,),
+        )
 
     # -- lifetime ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """End the loop and wait for it, so that it never acts on a closing pool."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+        self._loop.stop(timeout=30)
 
     # -- what the pool asks --------------------------------------------------------------
 
-    def leaving(self) -> frozenset[str]:
-        """Nodes the pool is removing once their running tasks finish."""
-        with self._lock:
-            return frozenset(self._leaving)
+    @property
+    def max_nodes(self) -> int | None:
+        """Autoscale's most nodes, or None when the pool keeps its targets."""
+        policy = self.policy
+        return None if policy is None else policy.max_nodes
 
     def allocation_errors(self) -> list[str]:
         """Why the provider could not bring the pool to its targets, as last looked at
@@ -184,34 +159,21 @@ class Scaler:
                     "pool.autoscale(None) first to resize it by hand"
                 )
             self.targets = (dedicated, spot)
-            self._reconcile(self._nodes(), deallocation, _RESIZE_ORDER)
-        self._wake.set()
+            self._reconcile(self._nodes.nodes(), deallocation, _RESIZE_ORDER)
+        self._loop.wake()
 
     def nudge(self) -> None:
         """Evaluate now: work arrived at a pool with no node to run it."""
-        self._wake.set()
+        self._loop.wake()
 
     def set_policy(self, policy: Autoscale | None) -> None:
         with self._lock:
             self.policy = policy
             if policy is None:
                 self._reason = "autoscale off"
-        self._wake.set()
+        self._loop.wake()
 
     # -- the loop ------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except PoolClosedError:
-                return
-            except Exception:  # keep scaling through a hiccup; say what happened
-                if self._stop.is_set():
-                    return
-                logger.exception("cloudmap: the pool's scaling loop failed once; continuing")
-            self._wake.wait(self._interval())
-            self._wake.clear()
 
     def _interval(self) -> float:
         with self._lock:
@@ -221,9 +183,9 @@ class Scaler:
     def tick(self) -> None:
         """Sample the pool; let waiting departures go; apply autoscale; record the sample."""
         with self._lock:
-            if self._stop.is_set():
+            if self._loop.stopping:
                 return
-            nodes = self._nodes()
+            nodes = self._nodes.nodes()
             running, waiting = self._cluster.work_counts()
             queued = waiting + self._backlog()
             nodes = self._finish_departures(nodes)
@@ -284,6 +246,7 @@ class Scaler:
         for node in victims:
             if node.state not in _NOT_SERVING:
                 self._leaving.add(node.id)
+                self._nodes.set_leaving(self._leaving)
                 self._cluster.drain(node.id)
 
     def _check_allocation(self, nodes: list[NodeInfo]) -> None:
@@ -325,6 +288,7 @@ class Scaler:
             return nodes
         self._provider.remove_nodes([i for i in done if i in present])
         self._leaving.difference_update(done)
+        self._nodes.set_leaving(self._leaving)
         return [n for n in nodes if n.id not in done]
 
     def _record(self, nodes: list[NodeInfo], running: int, queued: int) -> None:

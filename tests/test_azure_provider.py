@@ -127,10 +127,10 @@ def test_a_pool_on_batch_sends_the_right_body_keeps_secrets_and_goes_away(
                 assert "PRIVATE KEY" not in " ".join(process.cmdline())
             except psutil.NoSuchProcess:
                 continue
-        planned = pool.plan()["requests"][0]["body"]  # what this pool asked for
+        planned = pool.planned()["requests"][0]["body"]  # what this pool asked for
         assert (planned["id"], planned["vmSize"]) == (pool_id, "Standard_D2s_v5")
         shown = repr(pool) + repr(pool.provider.settings) + repr(pool.spec)  # type: ignore[union-attr]
-        shown += json.dumps(pool.plan())
+        shown += json.dumps(pool.planned())
         assert key not in shown and batch.key not in shown
     with pytest.raises(ResourceNotFoundError):
         batch.client().get_pool(pool_id)

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from cloudmap import RemoteException
+from cloudmap.node.runner import run_batch
 from cloudmap.payload import (
     CALL_ARGS,
     CALL_ONE,
@@ -15,7 +16,6 @@ from cloudmap.payload import (
     dump_function,
     load_result,
 )
-from cloudmap.runner import run_batch
 from cloudmap.seeding import item_rng
 
 

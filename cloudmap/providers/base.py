@@ -134,7 +134,7 @@ class Provider(abc.ABC):
         }
 
     def planned(self) -> dict[str, Any]:
-        """:meth:`plan` for this provider's own pool (``pool.plan()``)."""
+        """:meth:`plan` for this provider's own pool (``pool.planned()``)."""
         return self.plan(self.spec)
 
     @classmethod

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..loops import Periodic
 
 #: How often the eviction process draws, in seconds.
 TICK = 0.1
@@ -68,22 +68,18 @@ class EvictionProcess:
         self._candidates = candidates
         self._evict = evict
         self._random = random.Random(policy.seed)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cloudmap-eviction", daemon=True)
+        self._chance = policy.probability(TICK)
+        self._loop = Periodic(self._round, TICK, "cloudmap-eviction")
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        chance = self.policy.probability(TICK)
-        while not self._stop.wait(TICK):
-            for node_id in self._candidates():
-                if self._random.random() < chance and not self._stop.is_set():
-                    # InputError: the node left or was preempted in the meantime.
-                    with contextlib.suppress(InputError):
-                        self._evict(node_id, self.policy.notice)
+    def _round(self) -> None:
+        for node_id in self._candidates():
+            if self._random.random() < self._chance and not self._loop.stopping:
+                # InputError: the node left or was preempted in the meantime.
+                with contextlib.suppress(InputError):
+                    self._evict(node_id, self.policy.notice)

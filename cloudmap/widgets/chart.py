@@ -13,7 +13,7 @@ import numpy as np
 from bqplot import Axis, DateScale, Figure, LinearScale, Lines
 from ipywidgets import Layout
 
-from ..scaling import ScalingSample
+from ..samples import ScalingSample
 
 #: How much history the chart shows.
 WINDOW_SECONDS = 15 * 60

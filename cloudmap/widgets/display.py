@@ -16,7 +16,7 @@ from . import render
 if TYPE_CHECKING:
     import ipywidgets
 
-    from ..pool import Pool
+    from .summary import PoolSource
 
 
 def with_fallbacks(widget: ipywidgets.Widget | None, html: str, text: str) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def with_fallbacks(widget: ipywidgets.Widget | None, html: str, text: str) -> di
     return bundle
 
 
-def pool_bundle(pool: Pool) -> dict[str, Any]:
+def pool_bundle(pool: PoolSource) -> dict[str, Any]:
     """The pool's live widget in a Jupyter kernel; a static summary anywhere else."""
     from ..progress import in_jupyter_kernel
     from .summary import pool_snapshot

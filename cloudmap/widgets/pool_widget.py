@@ -1,27 +1,24 @@
 """The live pool widget: nodes by state and kind, a node-count chart, slots, tasks, cost,
 and controls to resize the pool or set its autoscale bounds.
 
-It reads the pool once a second on its own thread (see :mod:`.ticker`), so it keeps moving
-while a cell blocks on a map. The controls act when the kernel is free: Jupyter delivers
-button clicks to the kernel's main thread between cells.
+It reads the pool once a second on a thread of its own (a :class:`cloudmap.loops.Periodic`),
+so it keeps moving while a cell blocks on a map. The controls act when the kernel is free:
+Jupyter delivers button clicks to the kernel's main thread between cells.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ipywidgets as widgets
 
 from ..errors import CloudmapError
+from ..loops import Periodic
 from . import render
 from .chart import NodeChart
-from .summary import PoolSnapshot, pool_snapshot
-from .ticker import Ticker
-
-if TYPE_CHECKING:
-    from ..pool import Pool
+from .summary import PoolSnapshot, PoolSource, pool_snapshot, provider_of
 
 #: Seconds between refreshes (the issue asks for at least one a second).
 REFRESH_SECONDS = 1.0
@@ -30,7 +27,7 @@ REFRESH_SECONDS = 1.0
 class PoolWidget(widgets.VBox):
     """``pool.widget()``: what the pool is and does, updated every second."""
 
-    def __init__(self, pool: Pool, *, interval: float = REFRESH_SECONDS) -> None:
+    def __init__(self, pool: PoolSource, *, interval: float = REFRESH_SECONDS) -> None:
         self._pool = weakref.ref(pool)  # the widget must not keep a dropped pool alive
         self._lock = threading.Lock()
         self.header = widgets.HTML()
@@ -54,7 +51,7 @@ class PoolWidget(widgets.VBox):
         )
         self.add_class("cloudmap-pool-widget")
         self.refresh()
-        self._ticker = Ticker(self.refresh, interval, name="cloudmap-pool-widget")
+        self._ticker = Periodic(self.refresh, interval, "cloudmap-pool-widget")
         self._ticker.start()
 
     # -- reading the pool ---------------------------------------------------------------
@@ -93,7 +90,7 @@ class PoolWidget(widgets.VBox):
 
     # -- controls -------------------------------------------------------------------------
 
-    def _make_controls(self, pool: Pool) -> widgets.Widget:
+    def _make_controls(self, pool: PoolSource) -> widgets.Widget:
         dedicated, spot = pool.targets
         policy = pool.autoscaling
         number = {"min": 0, "max": 10_000, "layout": widgets.Layout(width="150px")}
@@ -128,7 +125,7 @@ class PoolWidget(widgets.VBox):
             self.max_input,
             self.autoscale_button,
         ]
-        if not pool._provider().supports_spot:
+        if not provider_of(pool).supports_spot:
             self.spot_input.disabled = True
         return widgets.VBox(
             [
@@ -156,11 +153,11 @@ class PoolWidget(widgets.VBox):
     def _resize(self, _button: Any = None) -> None:
         nodes, spot = self.dedicated_input.value, self.spot_input.value
 
-        def resize(pool: Pool) -> str:
+        def resize(pool: PoolSource) -> str:
             if pool.autoscaling is not None:
                 pool.autoscale(None)  # a resize by hand takes over from autoscale
                 self.autoscale_toggle.value = False
-            pool.resize(nodes=nodes, spot_nodes=spot if pool._provider().supports_spot else None)
+            pool.resize(nodes=nodes, spot_nodes=spot if provider_of(pool).supports_spot else None)
             return f"target {nodes} dedicated + {spot} spot"
 
         self._act("resized", resize)
@@ -168,7 +165,7 @@ class PoolWidget(widgets.VBox):
     def _apply_autoscale(self, _button: Any = None) -> None:
         low, high, on = self.min_input.value, self.max_input.value, self.autoscale_toggle.value
 
-        def apply(pool: Pool) -> str:
+        def apply(pool: PoolSource) -> str:
             if not on:
                 pool.autoscale(None)
                 return "off; the pool keeps its nodes"

@@ -11,16 +11,53 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ..autoscale import Autoscale
+from ..errors import PoolClosedError
 from ..nodes import NodeInfo, NodeState
 from ..pricing import NodePrices, spend
 from ..progress import ProgressCounts
-from ..scaling import ScalingSample, TaskCounts
+from ..providers.base import Provider
+from ..samples import ScalingSample, TaskCounts
 
-if TYPE_CHECKING:
-    from ..pool import Pool
+
+class PoolSource(Protocol):
+    """What the pool displays read and control: the public face of :class:`cloudmap.Pool`
+    (named here so that the displays, which the pool shows, never import it)."""
+
+    provider: Provider | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def targets(self) -> tuple[int, int]: ...
+
+    @property
+    def autoscaling(self) -> Autoscale | None: ...
+
+    def nodes(self) -> list[NodeInfo]: ...
+
+    def scaling_history(self) -> list[ScalingSample]: ...
+
+    def task_counts(self) -> TaskCounts: ...
+
+    def allocation_errors(self) -> list[str]: ...
+
+    def resize(self, nodes: int | None = None, spot_nodes: int | None = None) -> None: ...
+
+    def autoscale(self, policy: Any = True, **settings: Any) -> Autoscale | None: ...
+
+    def widget(self) -> Any: ...
+
+
+def provider_of(pool: PoolSource) -> Provider:
+    """The pool's provider; :class:`~cloudmap.PoolClosedError` once the pool is closed."""
+    if pool.closed or pool.provider is None:
+        raise PoolClosedError("this pool is closed")
+    return pool.provider
+
 
 #: Rows of the node table, always shown (in this order), so a count's place never moves.
 TABLE_STATES = (
@@ -182,9 +219,9 @@ def node_table(nodes: Sequence[NodeInfo]) -> dict[str, tuple[int, int]]:
     return table
 
 
-def pool_snapshot(pool: Pool) -> PoolSnapshot:
+def pool_snapshot(pool: PoolSource) -> PoolSnapshot:
     """Read the pool (raises :class:`~cloudmap.PoolClosedError` once it is closed)."""
-    provider = pool._provider()
+    provider = provider_of(pool)
     nodes = pool.nodes()
     history = pool.scaling_history()
     prices = provider.prices()

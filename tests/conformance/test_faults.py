@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import cloudmap
-from cloudmap.pool import SLOTS_LOST_GRACE
+from cloudmap.nodes import SLOTS_LOST_GRACE
 
 from ..conftest import eventually
 from . import tasks

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from .errors import TaskTimeoutError
-from .payload import (
+from ..errors import TaskTimeoutError
+from ..payload import (
     CALL_ARGS,
     CALL_ONE,
     CALL_STAR,
@@ -163,7 +163,7 @@ async def exit_slot() -> None:
 def _rng_factory(seed: int | None) -> Callable[[int], Any] | None:
     if seed is None:
         return None
-    from .seeding import item_rng
+    from ..seeding import item_rng
 
     return lambda index: item_rng(seed, index)
 

@@ -1,0 +1,225 @@
+"""cloudmap's part of the Dask scheduler: slot statuses, drains, rebalancing, and what began where.
+
+Everything here runs on the scheduler's event loop (in the client's process): the
+:class:`PoolPlugin` that the cluster glue attaches, and the functions it sends with
+``run_on_scheduler``. With the slot runner (:mod:`cloudmap.node.runner`) and the cluster glue
+(:mod:`cloudmap.cluster`), this is the only code that touches Dask's internals; the ones it
+relies on are listed in :data:`cloudmap.dask_config.PRIVATE_DASK_API`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from distributed import Scheduler, SchedulerPlugin
+from distributed.core import Status
+
+from .dask_config import BATCH_INTERVAL
+from .nodes import node_of
+from .payload import STARTED_TOPIC
+
+
+class PoolPlugin(SchedulerPlugin):
+    """cloudmap's part of the scheduler, on its event loop in the client's process.
+
+    As each slot joins: apply BATCH_INTERVAL to its stream, drain it at once if its node is
+    draining (a slot restarted on a node under preemption notice), and forget that its
+    address belonged to an evicted slot (ports are reused). It also knows which tasks have
+    begun where (``began``), and keeps the statuses cloudmap gives slots from being undone
+    by stale reports (``screen_status_reports``).
+    """
+
+    name = "cloudmap-pool"
+
+    def __init__(self) -> None:
+        # Both are changed from the client's threads too; single set operations are atomic.
+        self.draining: set[str] = set()  # node ids
+        self.evicted: set[str] = set()  # addresses of slots killed with their node
+        # Only touched on the scheduler's event loop:
+        # slot address -> the status cloudmap told it and it has not yet confirmed;
+        self.told: dict[str, Status] = {}
+        # task key -> (slot address, run id) of its current assignment, once that began.
+        self.began: dict[str, tuple[str, int]] = {}
+        self._scheduler: Scheduler | None = None
+
+    def attach(self, scheduler: Scheduler | None) -> None:
+        if scheduler is None or not hasattr(scheduler, "add_plugin"):
+            return
+        self._scheduler = scheduler
+        scheduler.add_plugin(self)
+        self.screen_status_reports(scheduler)
+
+    def has_begun(self, ts: Any, ws: Any) -> bool:
+        """Whether this task, as now assigned to this slot, has started running there.
+
+        Rescheduling a task that has begun would run it twice; one that has not is safe to
+        move. The record is the scheduler's, kept in order with the slot's other messages
+        and tied to Dask's run id of the assignment: a task moved off a slot and later
+        given back to it has not begun again until its new start is reported.
+        """
+        return self.began.get(str(ts.key)) == (ws.address, ts.run_id)
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != STARTED_TOPIC or self._scheduler is None or not isinstance(msg, dict):
+            return
+        key, worker, run_id = str(msg.get("key")), str(msg.get("worker")), msg.get("run_id")
+        ts = self._scheduler.tasks.get(key)
+        if (
+            isinstance(run_id, int)
+            and ts is not None
+            and ts.state == "processing"
+            and ts.processing_on is not None
+            and ts.processing_on.address == worker
+            and ts.run_id == run_id
+        ):
+            self.began[key] = (worker, run_id)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start == "processing":
+            self.began.pop(str(key), None)
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.evicted.discard(worker)
+        self.told.pop(worker, None)
+        stream = getattr(scheduler, "stream_comms", {}).get(worker)
+        if stream is not None and hasattr(stream, "interval"):
+            stream.interval = BATCH_INTERVAL
+        ws = scheduler.workers.get(worker)
+        if ws is not None and node_of(ws.name) in self.draining:
+            _set_slot_status(scheduler, ws, Status.closing_gracefully)
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self.told.pop(worker, None)
+
+    def screen_status_reports(self, scheduler: Scheduler) -> None:
+        """Put a filter in front of the scheduler's handler of slots' status reports.
+
+        A slot reports every status it takes, including the ones the scheduler told it to
+        take. When an MPI run gives nodes back and the next run takes the same nodes at
+        once, the slot's report of "running" (from the release) reaches the scheduler after
+        the scheduler has drained it again; Dask would then believe it, hand it queued map
+        tasks, and the slot, paused by the drain that follows, would never run them: the
+        next run waited forever for those nodes to go quiet. So once cloudmap tells a slot
+        a status, the slot's reports are dropped until it confirms that status (the slot
+        handles messages in order, so everything it said before is stale), and a slot of a
+        draining node that leaves a pause of its own is told to stay drained.
+        """
+        handle = scheduler.stream_handlers["worker-status-change"]
+
+        def screened(status: str, worker: str, stimulus_id: str, **extra: Any) -> None:
+            told = self.told.get(worker)
+            if told is not None:
+                if Status[status] == told:
+                    del self.told[worker]
+                return
+            ws = scheduler.workers.get(worker)
+            reported = Status[status]
+            if ws is not None and reported == Status.running and node_of(ws.name) in self.draining:
+                _set_slot_status(scheduler, ws, Status.closing_gracefully)
+                return
+            handle(status=status, worker=worker, stimulus_id=stimulus_id, **extra)
+
+        scheduler.stream_handlers["worker-status-change"] = screened
+
+
+def node_workers(node_id: str, dask_scheduler: Scheduler) -> list[str]:
+    return [ws.address for ws in dask_scheduler.workers.values() if node_of(ws.name) == node_id]
+
+
+def drain_node(node_id: str, dask_scheduler: Scheduler) -> None:
+    """Stop new work reaching a node's slots; send tasks not yet begun there elsewhere.
+
+    The slots are put in Dask's ``closing_gracefully`` status (as ``retire_workers`` does),
+    which keeps the scheduler from choosing them and the workers from starting queued tasks.
+    """
+    plugin = _plugin_of(dask_scheduler)
+    for ws in list(dask_scheduler.workers.values()):
+        if node_of(ws.name) != node_id:
+            continue
+        _set_slot_status(dask_scheduler, ws, Status.closing_gracefully)
+        stimulus = f"cloudmap-drain-{time.time()}"
+        for ts in list(ws.processing):
+            if not plugin.has_begun(ts, ws):
+                dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
+
+
+def rebalance(dask_scheduler: Scheduler) -> int:
+    plugin = _plugin_of(dask_scheduler)
+    idle = sum(1 for ws in dask_scheduler.running if not ws.processing)
+    moved = 0
+    stimulus = f"cloudmap-rebalance-{time.time()}"
+    for ws in list(dask_scheduler.running):
+        if moved >= idle:
+            break
+        if len(ws.processing) <= ws.nthreads:
+            continue
+        for ts in list(ws.processing):
+            if moved >= idle or len(ws.processing) <= ws.nthreads:
+                break
+            if not plugin.has_begun(ts, ws):
+                dask_scheduler._reschedule(ts.key, ws.address, stimulus_id=stimulus)
+                moved += 1
+    return moved
+
+
+def nodes_quiet(node_ids: list[str], dask_scheduler: Scheduler) -> bool:
+    wanted = set(node_ids)
+    return not any(
+        ws.processing for ws in dask_scheduler.workers.values() if node_of(ws.name) in wanted
+    )
+
+
+def undrain_node(node_id: str, dask_scheduler: Scheduler) -> None:
+    for ws in list(dask_scheduler.workers.values()):
+        if node_of(ws.name) == node_id and ws.status == Status.closing_gracefully:
+            _set_slot_status(dask_scheduler, ws, Status.running)
+
+
+def _set_slot_status(dask_scheduler: Scheduler, ws: Any, status: Status) -> None:
+    """Set a slot's status on the scheduler at once (so no task is chosen for a slot being
+    drained while the message travels, as ``retire_workers`` does) and tell the slot,
+    which pauses or resumes its queue. Its reports are screened until it confirms."""
+    stimulus = f"cloudmap-{status.name}-{time.time()}"
+    stream = dask_scheduler.stream_comms.get(ws.address)
+    if stream is not None:
+        _plugin_of(dask_scheduler).told[ws.address] = status
+    dask_scheduler.handle_worker_status_change(status, ws, stimulus)
+    if stream is not None:
+        stream.send({"op": "worker-status-change", "status": status.name, "stimulus_id": stimulus})
+
+
+def _plugin_of(dask_scheduler: Scheduler) -> PoolPlugin:
+    plugin = dask_scheduler.plugins[PoolPlugin.name]
+    assert isinstance(plugin, PoolPlugin)
+    return plugin
+
+
+def work_counts(dask_scheduler: Scheduler) -> tuple[int, int]:
+    running = waiting = 0
+    for ws in dask_scheduler.workers.values():
+        processing = len(ws.processing)
+        busy = min(processing, ws.nthreads)
+        running += busy
+        waiting += processing - busy
+    waiting += len(dask_scheduler.queued) + len(dask_scheduler.unrunnable)
+    return running, waiting
+
+
+def slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:
+    return [
+        (str(ws.name), ws.address, len(ws.processing)) for ws in dask_scheduler.workers.values()
+    ]
+
+
+def worker_addresses(dask_scheduler: Scheduler) -> list[str]:
+    return list(dask_scheduler.workers)
+
+
+def workers_processing(keys: list[str], dask_scheduler: Scheduler) -> set[str]:
+    workers = set()
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        if task is not None and task.processing_on is not None:
+            workers.add(task.processing_on.address)
+    return workers
