@@ -182,6 +182,20 @@ class MpiRunner:
         directories = [str(outcome["directory"]) for outcome in outcomes]
         return directories, [dict(outcome["node_env"]) for outcome in outcomes]
 
+    def command(self, command: str, options: RunOptions, *, check: bool) -> MpiResult:
+        """``pool.mpi_command``: run a program on the ranks; a non-zero exit raises, unless
+        ``check`` is False (then the result tells it; a timeout always raises)."""
+        if not isinstance(command, str) or not command.strip():
+            raise InputError(f"command={command!r} is not valid: pass a shell command string")
+        try:
+            result, _ = self.run(options, command=command)
+        except MpiError as exc:
+            if check or isinstance(exc, MpiTimeoutError) or exc.result is None:
+                raise
+            assert isinstance(exc.result, MpiResult)
+            return exc.result
+        return result
+
     def map(
         self,
         fn: Callable[..., Any],

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .autoscale import Autoscale
 from .cluster import DaskCluster
-from .errors import InputError, MpiError, MpiTimeoutError, PoolClosedError
+from .errors import InputError, PoolClosedError
 from .futures import Future, PoolExecutor
 from .gang import GangScheduler
 from .jobs import Job, JobStep
@@ -320,7 +320,7 @@ class Pool:
         """Dask's ``Status`` of the pool, which ``distributed.Client(pool)`` checks."""
         from distributed.core import Status
 
-        return Status.closed if self._closed else Status.running
+        return Status.closed if self._closed.is_set() else Status.running
 
     @property
     def dashboard_link(self) -> str | None:
@@ -552,18 +552,8 @@ class Pool:
         the rank, with its stderr (``check=False`` returns the result instead).
         """
         self._provider()
-        if not isinstance(command, str) or not command.strip():
-            raise InputError(f"command={command!r} is not valid: pass a shell command string")
         options = RunOptions(nodes, ranks_per_node, timeout, coordination, env)
-        try:
-            result, _ = self._mpi.run(options, command=command)
-        except MpiError as exc:
-            if check or isinstance(exc, MpiTimeoutError) or exc.result is None:
-                raise
-            result = exc.result
-            assert isinstance(result, MpiResult)
-            return result
-        return result
+        return self._mpi.command(command, options, check=check)
 
     def mpi_map(
         self,
