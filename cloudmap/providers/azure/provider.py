@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from ...autoscale import Autoscale
 from ...errors import InputError, PoolStartError
+from ...loops import poll_until
 from ...nodes import ProviderNode, StartTaskInfo
 from ...pricing import NodePrices
 from ..base import PoolSpec, Provider
@@ -56,6 +57,8 @@ MAX_REMOVALS = 100
 LIST_CACHE_SECONDS = 0.25
 #: Seconds to wait for Batch to show a node whose slots died as preempted or gone.
 TAKEN_WINDOW = 0.3
+#: Batch states of a node whose VM was taken from the pool.
+TAKEN_STATES = ("preempted", "leaving", "unusable")
 #: Seconds ``close`` waits for Batch to delete the pool.
 DELETE_TIMEOUT = 300.0
 
@@ -392,17 +395,16 @@ class AzureBatchProvider(Provider):
     def node_taken(self, node_id: str) -> bool:
         """Batch marks a node preempted (or leaving, or gone) after its VM is taken: look
         for that for up to :data:`TAKEN_WINDOW` seconds before calling a lost slot a crash."""
-        deadline = time.monotonic() + TAKEN_WINDOW
-        while True:
+
+        def answer() -> str:
+            """ "taken" or "unknown" once Batch has said, "" to look again."""
             try:
                 node = self._client.get_node(self.pool_id, node_id)
             except Exception as exc:
-                return _status(exc) == 404
-            if provider_state(node.state) in ("preempted", "leaving", "unusable"):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
+                return "taken" if _status(exc) == 404 else "unknown"
+            return "taken" if provider_state(node.state) in TAKEN_STATES else ""
+
+        return poll_until(answer, TAKEN_WINDOW, interval=0.2) == "taken"
 
     def allocation_errors(self) -> list[str]:
         """Why Batch could not reach the targets: its resize errors, code first."""
