@@ -117,6 +117,10 @@ def _settler() -> concurrent.futures.ThreadPoolExecutor:
         return _settling_thread
 
 
+#: As concurrent.futures says it; a PoolClosedError is a RuntimeError too, as there.
+_SHUT_DOWN = "cannot schedule new futures after shutdown: this executor was shut down"
+
+
 class ExecutorBackend(Protocol):
     """What an executor needs of its pool: ``submit``, and streaming maps."""
 
@@ -157,7 +161,7 @@ class PoolExecutor(concurrent.futures.Executor):
             )
         with self._lock:
             if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise PoolClosedError(_SHUT_DOWN)
             future = self._backend.submit(fn, *args, **kwargs)
             self._futures.add(future)
         future.add_done_callback(self._forget)
@@ -176,7 +180,7 @@ class PoolExecutor(concurrent.futures.Executor):
         **_: Any,
     ) -> Iterator[Any]:
         if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+            raise PoolClosedError(_SHUT_DOWN)
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._backend.imap(fn, iterables, self._options, ordered=True, deadline=deadline)
 

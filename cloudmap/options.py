@@ -123,6 +123,26 @@ def check_spot(provider_class: type[Provider], fix: str) -> None:
         )
 
 
+def resize_targets(
+    current: tuple[int, int],
+    nodes: int | None,
+    spot_nodes: int | None,
+    provider_class: type[Provider],
+) -> tuple[int, int]:
+    """The (dedicated, spot) targets ``pool.resize(nodes, spot_nodes)`` asks for; None keeps
+    a target as it is."""
+    dedicated, spot = current
+    if nodes is not None:
+        check_int("nodes", nodes, minimum=0)
+        dedicated = nodes
+    if spot_nodes is not None:
+        check_int("spot_nodes", spot_nodes, minimum=0)
+        if spot_nodes:
+            check_spot(provider_class, "pass spot_nodes=0")
+        spot = spot_nodes
+    return dedicated, spot
+
+
 def autoscale_policy(
     current: Autoscale | None,
     policy: Autoscale | bool | None,

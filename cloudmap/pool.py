@@ -25,19 +25,20 @@ from .jobs import Job, JobStep
 from .lifetime import ClusterNodeEvents, teardown, wait_for_first_slot
 from .mpi import MpiResult, MpiRunner, RunOptions
 from .nodes import NodeFiles, NodeInfo, NodeView
-from .options import START_TIMEOUT, MapOptions, PoolOptions, autoscale_policy, check_spot
+from .options import START_TIMEOUT, MapOptions, PoolOptions, autoscale_policy, resize_targets
 from .progress import ProgressReporter, in_jupyter_kernel, make_reporter, set_notebook_reporter
 from .providers import PoolSpec, Provider
 from .providers.base import StartTask
 from .samples import ScalingSample, TaskCounts
 from .scaling import Scaler
 from .staging import Output
-from .validation import check_int
 from .watching import FuturesWatch
 from .work import Work
 
 if TYPE_CHECKING:
     from .widgets.pool_widget import PoolWidget
+
+CLOSED = "this pool is closed; create a new cloudmap.Pool(...) to run more work"
 
 
 class Pool:
@@ -196,9 +197,7 @@ class Pool:
 
     def _provider(self) -> Provider:
         if self._closed.is_set() or self.provider is None:
-            raise PoolClosedError(
-                "this pool is closed; create a new cloudmap.Pool(...) to run more work"
-            )
+            raise PoolClosedError(CLOSED)
         return self.provider
 
     def _scaling(self) -> Scaler:
@@ -231,16 +230,8 @@ class Pool:
         longest idle. Call :meth:`wait_for_nodes` to wait for new nodes.
         """
         scaler = self._scaling()
-        dedicated, spot = scaler.targets
-        if nodes is not None:
-            check_int("nodes", nodes, minimum=0)
-            dedicated = nodes
-        if spot_nodes is not None:
-            check_int("spot_nodes", spot_nodes, minimum=0)
-            if spot_nodes:
-                check_spot(type(self._provider()), "pass spot_nodes=0")
-            spot = spot_nodes
-        scaler.resize(dedicated, spot, deallocation)
+        targets = resize_targets(scaler.targets, nodes, spot_nodes, type(self._provider()))
+        scaler.resize(*targets, deallocation)
 
     def autoscale(
         self, policy: Autoscale | bool | None = True, **settings: Any
@@ -696,9 +687,7 @@ def _assemble(
         """Slots to plan batches for: connected ones, or those on the way while nodes
         start; with none, but autoscale to bring them, one node's worth."""
         if closed.is_set():
-            raise PoolClosedError(
-                "this pool is closed; create a new cloudmap.Pool(...) to run more work"
-            )
+            raise PoolClosedError(CLOSED)
         planned = view.slots_to_plan(scaler.max_nodes)
         if planned is None:
             scaler.nudge()  # evaluate now rather than at the next interval

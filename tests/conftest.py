@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
+
+from cloudmap.loops import poll_until
 
 #: This session's pytest temporary directory, once known. Batch nodes' agents outlive the
 #: start task that began them (they are not this process's descendants) but run from under
@@ -33,12 +34,7 @@ def cloudmap_processes() -> list[psutil.Process]:
 
 def eventually(check: Callable[[], object], seconds: float) -> bool:
     """Whether ``check()`` becomes true within ``seconds`` (polled every 50 ms)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return bool(poll_until(check, seconds, interval=0.05))
 
 
 @pytest.fixture(scope="session", autouse=True)
