@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import dask
 from distributed import Client, Future, Scheduler, Security, SpecCluster
+from distributed.core import Status
 from distributed.scheduler import KilledWorker
 
 from . import scheduler_plugin as on_scheduler
@@ -152,6 +153,11 @@ class DaskCluster:
     @property
     def scheduler_address(self) -> str:
         return str(self._cluster.scheduler_address)
+
+    @staticmethod
+    def status_for(*, closed: bool) -> Status:
+        """Dask's ``Status`` for a pool open or closed (``distributed.Client(pool)`` reads it)."""
+        return Status.closed if closed else Status.running
 
     @property
     def dashboard_link(self) -> str | None:

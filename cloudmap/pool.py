@@ -309,9 +309,7 @@ class Pool:
     @property
     def status(self) -> Any:
         """Dask's ``Status`` of the pool, which ``distributed.Client(pool)`` checks."""
-        from distributed.core import Status
-
-        return Status.closed if self._closed.is_set() else Status.running
+        return self._cluster.status_for(closed=self._closed.is_set())
 
     @property
     def dashboard_link(self) -> str | None:

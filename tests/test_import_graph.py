@@ -125,3 +125,29 @@ def test_import_cloudmap_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert loaded == "[]"
+
+
+#: The cluster layer: the only modules that may import ``distributed`` (the scheduler glue,
+#: cloudmap's scheduler plugin, the slot runner, and the slot process that is a Dask worker).
+DASK_LAYER = {
+    "cloudmap.cluster",
+    "cloudmap.scheduler_plugin",
+    "cloudmap.node.runner",
+    "cloudmap.node.slot",
+}
+
+
+def test_only_the_cluster_layer_imports_distributed() -> None:
+    importers = set()
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                roots = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            if "distributed" in roots:
+                importers.add(name)
+    assert importers - DASK_LAYER == set(), "Dask's internals belong to the cluster layer"
+    assert "cloudmap.cluster" in importers
