@@ -75,20 +75,20 @@ class _SourceBatch:
 class _Task:
     """One Dask task: either a whole source batch, or loose items (retries)."""
 
-    __slots__ = ("batch", "future", "key", "refs")
+    __slots__ = ("batch", "handle", "key", "refs")
 
     def __init__(self, batch: _SourceBatch | None, refs: list[tuple[_SourceBatch, int]] | None):
         self.batch = batch
         self.refs = refs
-        self.future: TaskHandle | None = None
+        self.handle: TaskHandle | None = None
         self.key = ""
 
     def release(self) -> None:
         """Let Dask forget the task now: a finished map must hold nothing on the nodes
         (Dask would recompute a held result if its slot died, calling items again)."""
-        if self.future is not None:
-            self.future.release()
-            self.future = None
+        if self.handle is not None:
+            self.handle.release()
+            self.handle = None
 
     def size(self) -> int:
         if self.refs is not None:
@@ -279,11 +279,11 @@ class MapEngine:
         except SerializationError as exc:
             exc.results = self.buffered_results()
             raise
-        task.future = self._cluster.submit_batch(self._fn_blob, blob, self._label)
-        task.key = str(task.future.key)
+        task.handle = self._cluster.submit_batch(self._fn_blob, blob, self._label)
+        task.key = task.handle.key
         self._tasks[task.key] = task
         self._counts.in_flight += len(items)
-        self._cluster.on_result(task.future, partial(self._on_done, task))
+        self._cluster.on_result(task.handle, partial(self._on_done, task))
 
     def _on_done(self, task: _Task, handle: TaskHandle, kind: str, value: Any) -> None:
         """Runs on Dask's event loop: hand the outcome to the engine's thread."""
@@ -451,7 +451,7 @@ class MapEngine:
             raise TimeoutError("the map's results did not all arrive before its timeout")
 
     def _abort(self, *, kill_running: bool) -> None:
-        handles = [task.future for task in self._tasks.values() if task.future is not None]
+        handles = [task.handle for task in self._tasks.values() if task.handle is not None]
         self._tasks.clear()
         self._retry.clear()
         if not handles or self._is_closed():

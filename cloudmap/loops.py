@@ -52,7 +52,8 @@ class Periodic:
     policy). :meth:`wake` runs the next round at once. ``tick`` returning False ends the
     thread; an exception of a type in ``stop_on`` ends it quietly; any other exception is
     logged and, with ``keep_going``, the next round comes as usual (a display gives up,
-    the scaler carries on). ``first_now`` runs a round before the first wait.
+    the scaler carries on). The first round comes after the first wait, or at once with
+    :meth:`run_once` before :meth:`start`.
     """
 
     def __init__(
@@ -61,13 +62,11 @@ class Periodic:
         interval: float | Callable[[], float],
         name: str,
         *,
-        first_now: bool = False,
         keep_going: bool = False,
         stop_on: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._tick = tick
         self._interval = interval
-        self._first_now = first_now
         self._keep_going = keep_going
         self._stop_on = stop_on
         self._stop = threading.Event()
@@ -102,23 +101,27 @@ class Periodic:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=timeout)
 
+    def run_once(self) -> bool:
+        """One round, in the caller's thread, with the loop's rules for failures; False if
+        the loop should end (a caller may take the first round before :meth:`start`, so
+        that it has happened once the call returns)."""
+        try:
+            return self._tick() is not False
+        except self._stop_on:
+            return False
+        except Exception:
+            if self._stop.is_set():
+                return False
+            name = self._thread.name
+            if not self._keep_going:  # a display must never take the kernel down
+                logger.exception("cloudmap: %s failed and stopped", name)
+                return False
+            logger.exception("cloudmap: %s failed once; continuing", name)
+            return True
+
     def _run(self) -> None:
-        if not self._first_now:
-            self._pause()
-        while not self._stop.is_set():
-            try:
-                if self._tick() is False:
-                    return
-            except self._stop_on:
-                return
-            except Exception:
-                if self._stop.is_set():
-                    return
-                name = self._thread.name
-                if not self._keep_going:  # a display must never take the kernel down
-                    logger.exception("cloudmap: %s failed and stopped", name)
-                    return
-                logger.exception("cloudmap: %s failed once; continuing", name)
+        self._pause()
+        while not self._stop.is_set() and self.run_once():
             self._pause()
 
     def _pause(self) -> None:

@@ -113,7 +113,6 @@ class Scaler:
             self.tick,
             self._interval,
             "cloudmap-scaler",
-            first_now=True,
             keep_going=True,
             stop_on=(PoolClosedError,),
         )
@@ -121,7 +120,10 @@ class Scaler:
     # -- lifetime ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop.start()
+        """Take the first sample now, so the history starts where the pool starts (before
+        any work reaches it), then keep sampling on the loop's thread."""
+        if self._loop.run_once():
+            self._loop.start()
 
     def stop(self) -> None:
         """End the loop and wait for it, so that it never acts on a closing pool."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 
 import pytest
@@ -51,7 +50,8 @@ def test_periodic_stops_when_its_tick_says_so_or_raises_a_stop_error() -> None:
     def closed() -> None:
         raise KeyError("closed")
 
-    stopped = Periodic(closed, 0.001, "test-periodic", first_now=True, stop_on=(KeyError,))
+    stopped = Periodic(closed, 0.001, "test-periodic", stop_on=(KeyError,))
+    assert stopped.run_once() is False  # the caller's own first round says: stop
     stopped.start()
     assert poll_until(lambda: not stopped.running, 5, interval=0.01)
 
@@ -59,21 +59,20 @@ def test_periodic_stops_when_its_tick_says_so_or_raises_a_stop_error() -> None:
 def test_a_failing_round_is_logged_and_ends_the_loop_unless_told_to_keep_going(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    calls = itertools.count()
-    failed = threading.Event()
+    rounds: list[int] = []
 
     def flaky() -> None:
-        if next(calls) == 0:
-            failed.set()
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
             raise RuntimeError("once")
 
     with caplog.at_level(logging.ERROR, logger="cloudmap.loops"):
-        keeps = Periodic(flaky, 0.001, "test-keeps", first_now=True, keep_going=True)
+        keeps = Periodic(flaky, 0.001, "test-keeps", keep_going=True)
         keeps.start()
-        assert poll_until(lambda: next(calls) > 5, 5, interval=0.01)
+        assert poll_until(lambda: len(rounds) > 5, 5, interval=0.01)
         assert keeps.running
         keeps.stop()
-        gives_up = Periodic(lambda: 1 / 0, 0.001, "test-gives-up", first_now=True)
+        gives_up = Periodic(lambda: 1 / 0, 0.001, "test-gives-up")
         gives_up.start()
         assert poll_until(lambda: not gives_up.running, 5, interval=0.01)
     messages = [r.getMessage() for r in caplog.records]
