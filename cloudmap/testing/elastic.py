@@ -32,10 +32,10 @@ Action = Callable[[random.Random], bool]
 
 
 @functools.cache
-def undisturbed(items: int, seed: int = SEED) -> list[float]:
+def undisturbed(items: int, seed: int = SEED) -> tuple[float, ...]:
     """What a seeded map of ``tasks.simulate`` over ``range(items)`` must return: an item's
     value depends only on the seed and its index, so this process computes it directly."""
-    return [tasks.simulate(i, item_rng(seed, i), seconds=0.0) for i in range(items)]
+    return tuple(tasks.simulate(i, item_rng(seed, i), seconds=0.0) for i in range(items))
 
 
 class Chaos:
@@ -133,7 +133,7 @@ class ElasticTests:
         assert progress.last is not None and progress.last.requeued > 0, "no task was requeued"
         assert progress.last.retried == 0 and progress.last.failed == 0
         assert len(results) == ITEMS
-        assert results == undisturbed(ITEMS)
+        assert tuple(results) == undisturbed(ITEMS)
 
     @requires("spot", "restore", "preempt", "kill_slot")
     def test_killed_slots_and_preemptions_together_lose_no_work(
@@ -147,7 +147,7 @@ class ElasticTests:
                 tasks.simulate, range(ITEMS), seed=SEED, retries=3, progress=False
             )
         assert "kill_slot" in chaos.done and len(chaos.done) >= 3, chaos.done
-        assert results == undisturbed(ITEMS)
+        assert tuple(results) == undisturbed(ITEMS)
 
     @requires("spot", "restore", "preempt")
     def test_a_job_that_crashes_until_retries_run_out_reports_failures_and_keeps_the_rest(
@@ -198,7 +198,7 @@ class ElasticTests:
             )
             evicted = harness.preemptions(pool)
         assert evicted, "the eviction process preempted nothing"
-        assert results == undisturbed(3000)
+        assert tuple(results) == undisturbed(3000)
 
     @requires("spot", "restore", "preempt")
     def test_preempted_node_shows_preempted_then_comes_back(self, harness: ProviderHarness) -> None:
