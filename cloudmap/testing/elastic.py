@@ -59,7 +59,7 @@ class Chaos:
     def _run(self) -> None:
         # Every kind of disturbance first (in a random order), then random ones: a short
         # map still sees each kind at least once.
-        names = sorted(self.actions)
+        names = list(self.actions)
         first = self.random.sample(names, len(names))
         while not self._stop.wait(self.random.uniform(0.2, 0.5)):
             name = first.pop(0) if first else self.random.choice(names)
@@ -88,7 +88,9 @@ def serving_spot_nodes(pool: cloudmap.Pool) -> list[str]:
 
 
 def preemptions(harness: ProviderHarness, pool: cloudmap.Pool) -> dict[str, Action]:
-    """Preempting a serving spot node at once, and after a notice where the harness can."""
+    """Two kinds of preemption of a serving spot node: at once, and after a notice where the
+    harness can give one (else at once again, so that preemptions keep their share of the
+    chaos next to other disturbances on every provider)."""
 
     def preempting(notice: float | None) -> Action:
         def act(rng: random.Random) -> bool:
@@ -100,10 +102,9 @@ def preemptions(harness: ProviderHarness, pool: cloudmap.Pool) -> dict[str, Acti
 
         return act
 
-    actions = {"preempt": preempting(None)}
     if harness.can("preempt_notice"):
-        actions["preempt_with_notice"] = preempting(0.3)
-    return actions
+        return {"preempt": preempting(None), "preempt_with_notice": preempting(0.3)}
+    return {"preempt": preempting(None), "preempt_again": preempting(None)}
 
 
 class ElasticTests:
