@@ -103,39 +103,40 @@ class ProviderHarness:
     def preempt(self, pool: Pool, node_id: str, *, notice: float | None = None) -> None:
         """Take spot node ``node_id`` away, as the cloud does when it needs the capacity;
         with ``notice`` seconds of warning first ("preempt_notice"), else at once."""
-        raise self._lacks("preempt_notice" if notice is not None else "preempt")
+        raise self.missing("preempt_notice" if notice is not None else "preempt")
 
     @contextlib.contextmanager
     def restoring(self, seconds: float) -> Iterator[dict[str, Any]]:
         """Within the block, preempted nodes come back ``seconds`` after they went; yields
         the pool options that ask for that (empty where the provider does it by itself)."""
-        raise self._lacks("restore")
+        raise self.missing("restore")
         yield {}  # pragma: no cover - makes this a generator for contextmanager
 
     def evicting(self, eviction: Eviction) -> dict[str, Any]:
         """Pool options under which the provider preempts spot nodes at random, as
         ``eviction`` describes."""
-        raise self._lacks("evict")
+        raise self.missing("evict")
 
     def preemptions(self, pool: Pool) -> list[tuple[float, str]]:
         """(time, node id) of every preemption of ``pool``'s nodes so far ("evict")."""
-        raise self._lacks("evict")
+        raise self.missing("evict")
 
     def break_node(self, pool: Pool, node_id: str) -> None:
         """The node fails as a whole, as a VM can: its processes die and it is unusable."""
-        raise self._lacks("break_node")
+        raise self.missing("break_node")
 
     def kill_cloudmap_on(self, pool: Pool, node_id: str) -> None:
         """Kill cloudmap's processes on a node (agent and slots), and only those: the
         provider keeps calling the node healthy, as a VM whose agent ran out of memory."""
-        raise self._lacks("kill_agent")
+        raise self.missing("kill_agent")
 
     def kill_slot(self, pool: Pool, rng: random.Random) -> bool:
         """SIGKILL one of ``pool``'s slot processes chosen with ``rng``; False if none ran.
         A slot's command line names its scheduler, so other pools' slots are safe."""
         self._needs("kill_slot")
-        slots = node_processes("cloudmap.node.slot", under=self.node_directories())
-        slots = [p for p in slots if pool.scheduler_address in _command_line(p)]
+        slots = node_processes(
+            "cloudmap.node.slot", pool.scheduler_address, under=self.node_directories()
+        )
         if not slots:
             return False
         try:
@@ -175,26 +176,20 @@ class ProviderHarness:
             shared.wait_for_nodes()
             yield shared
 
-    # -- internals -------------------------------------------------------------------------
+    # -- what a fault action raises when it cannot --------------------------------------------
 
-    def _lacks(self, capability: str) -> MissingCapabilityError:
-        declared = (
-            "declares it but does not implement it"
-            if self.can(capability)
-            else ("does not declare it")
-        )
+    def missing(self, capability: str) -> MissingCapabilityError:
+        """The error for a fault action asked to do what this harness cannot (raise it)."""
+        if self.can(capability):
+            declared = "declares it but does not implement it"
+        else:
+            declared = "does not declare it"
         return MissingCapabilityError(
             f"this test needs the capability {capability!r} "
             f"({CAPABILITIES[capability]}); the {self.provider!r} harness {declared}"
         )
 
     def _needs(self, capability: str) -> None:
+        """Raise :meth:`missing` unless the capability is declared (for actions given here)."""
         if not self.can(capability):
-            raise self._lacks(capability)
-
-
-def _command_line(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
+            raise self.missing(capability)

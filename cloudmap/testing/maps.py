@@ -181,7 +181,7 @@ class MapTests:
 
     def test_dask_is_available_directly(self, pool: cloudmap.Pool) -> None:
         # Dask pickles an importable function by reference; a lambda travels by value, so this
-        # works on nodes that do not have the tests' files (Batch nodes).
+        # works on nodes that do not have the tests' files (nodes of a remote provider).
         assert pool.client.submit(lambda x: x * x, 9).result(timeout=30) == 81
         with distributed.Client(pool) as client:  # a TLS pool's certificates come along
             assert client.submit(lambda x: x * x, 5).result(timeout=30) == 25

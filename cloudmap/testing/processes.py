@@ -16,15 +16,18 @@ import psutil
 NODE_MARKER = "cloudmap.node"
 
 
-def node_processes(marker: str = NODE_MARKER, *, under: Iterable[str] = ()) -> list[psutil.Process]:
-    """Live processes whose command line contains ``marker`` that this process started,
-    or whose command line names a path under a directory in ``under`` (a node agent that its
-    start task left running is nobody's child: Batch nodes do that)."""
+def node_processes(*markers: str, under: Iterable[str] = ()) -> list[psutil.Process]:
+    """Live processes whose command line contains every one of ``markers`` (by default
+    ``cloudmap.node``) that this process started, or whose command line names a path under
+    a directory in ``under`` (a node agent that its start task left running is nobody's
+    child: Batch nodes do that)."""
+    wanted = markers or (NODE_MARKER,)
     roots = list(under)
     mine = {process.pid for process in psutil.Process(os.getpid()).children(recursive=True)}
     return _alive(
         lambda pid, line: (
-            marker in line and (pid in mine or any(_names(line, root) for root in roots))
+            all(marker in line for marker in wanted)
+            and (pid in mine or any(_names(line, root) for root in roots))
         )
     )
 

@@ -29,8 +29,8 @@ class StartTaskTests:
         )
         with harness.make_pool(nodes=1, start_task=command, env={"GREETING": "env"}) as pool:
             assert pool.map(tasks.read_shared, ["marker"]) == ["from shell"]
-            # On Batch the slots join while the start task still waits for them; the node is
-            # idle, with its start task's record, a moment later.
+            # A provider may let the slots join while the start task still waits for them;
+            # the node is idle, with its start task's record, a moment later.
             pool.wait_for_nodes()
             (node,) = pool.nodes()
             assert node.start_task is not None

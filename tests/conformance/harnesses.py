@@ -89,7 +89,7 @@ class AzureEmulatorHarness(ProviderHarness):
 
     def preempt(self, pool: cloudmap.Pool, node_id: str, *, notice: float | None = None) -> None:
         if notice is not None:
-            raise self._lacks("preempt_notice")
+            raise self.missing("preempt_notice")
         self.batch.preempt(_pool_id(pool), node_id)
 
     @contextlib.contextmanager
