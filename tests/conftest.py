@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
-from cloudmap.loops import poll_until
+from cloudmap.testing.processes import node_processes
+from cloudmap.testing.waiting import eventually
+
+__all__ = ["cloudmap_processes", "eventually"]
 
 #: This session's pytest temporary directory, once known. Batch nodes' agents outlive the
 #: start task that began them (they are not this process's descendants) but run from under
@@ -19,22 +21,7 @@ SESSION_TEMP: list[str] = []
 
 def cloudmap_processes() -> list[psutil.Process]:
     """Node agents and slots started by this test session that are still alive."""
-    found = []
-    mine = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
-    for process in psutil.process_iter():
-        try:
-            line = " ".join(process.cmdline())
-            ours = process.pid in mine or any(f"{temp}/" in line for temp in SESSION_TEMP)
-            if ours and "cloudmap.node" in line and process.status() != "zombie":
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
-
-
-def eventually(check: Callable[[], object], seconds: float) -> bool:
-    """Whether ``check()`` becomes true within ``seconds`` (polled every 50 ms)."""
-    return bool(poll_until(check, seconds, interval=0.05))
+    return node_processes(under=SESSION_TEMP)
 
 
 @pytest.fixture(scope="session", autouse=True)

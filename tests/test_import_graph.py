@@ -149,5 +149,7 @@ def test_only_the_cluster_layer_imports_distributed() -> None:
                 continue
             if "distributed" in roots:
                 importers.add(name)
-    assert importers - DASK_LAYER == set(), "Dask's internals belong to the cluster layer"
+    # The conformance suite uses distributed.Client(pool) as a user would: it is not a layer.
+    outside = {m for m in importers - DASK_LAYER if not m.startswith("cloudmap.testing")}
+    assert outside == set(), "Dask's internals belong to the cluster layer"
     assert "cloudmap.cluster" in importers

@@ -1,4 +1,5 @@
-"""Bad input to resize, preemption and autoscale: specific errors that say what to do."""
+"""Bad input to resize and autoscale on every provider (cloudmap.testing.elastic_input); bad
+settings that need no pool; and the local provider's own preemption injection."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import cloudmap
 from cloudmap.providers import register_provider
 from cloudmap.providers.local import LocalProvider
+from cloudmap.testing import ElasticInputTests
 
-from .conftest import local_only
+from .harnesses import AzureEmulatorHarness, LocalHarness
 
 
 class _NoSpotProvider(LocalProvider):
@@ -21,31 +23,19 @@ class _NoSpotProvider(LocalProvider):
 register_provider("no-spot", f"{__name__}:_NoSpotProvider")
 
 
-def test_preempting_an_unknown_node(pool: cloudmap.Pool) -> None:
-    local_only(pool.provider.name, "provider.preempt() injects preemptions")  # type: ignore[union-attr]
-    with pytest.raises(cloudmap.InputError, match=r"no node 'node-99'.*pool.nodes\(\)"):
-        pool.provider.preempt("node-99")  # type: ignore[union-attr]
+class TestLocal(LocalHarness, ElasticInputTests):
+    def test_preempting_an_unknown_node(self, pool: cloudmap.Pool) -> None:
+        with pytest.raises(cloudmap.InputError, match=r"no node 'node-99'.*pool.nodes\(\)"):
+            pool.provider.preempt("node-99")  # type: ignore[union-attr]
+
+    def test_preempting_a_dedicated_node(self, pool: cloudmap.Pool) -> None:
+        node = pool.nodes()[0].id
+        with pytest.raises(cloudmap.InputError, match="only spot nodes are preempted"):
+            pool.provider.preempt(node)  # type: ignore[union-attr]
 
 
-def test_preempting_a_dedicated_node(pool: cloudmap.Pool) -> None:
-    local_only(pool.provider.name, "provider.preempt() injects preemptions")  # type: ignore[union-attr]
-    node = pool.nodes()[0].id
-    with pytest.raises(cloudmap.InputError, match="only spot nodes are preempted"):
-        pool.provider.preempt(node)  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize(
-    ("sizes", "message"),
-    [
-        ({"nodes": -1}, "nodes=-1"),
-        ({"spot_nodes": 1.5}, "spot_nodes=1.5"),
-        ({"nodes": 1, "deallocation": "later"}, "deallocation='later'"),
-    ],
-)
-def test_bad_resize(pool: cloudmap.Pool, sizes: dict[str, object], message: str) -> None:
-    with pytest.raises(cloudmap.InputError, match=message):
-        pool.resize(**sizes)  # type: ignore[arg-type]
-    assert pool.targets == (2, 0)
+class TestAzure(AzureEmulatorHarness, ElasticInputTests):
+    pass
 
 
 @pytest.mark.parametrize(
@@ -60,11 +50,6 @@ def test_bad_resize(pool: cloudmap.Pool, sizes: dict[str, object], message: str)
 def test_bad_autoscale(settings: dict[str, object], message: str) -> None:
     with pytest.raises(cloudmap.InputError, match=message):
         cloudmap.Autoscale(**settings)  # type: ignore[arg-type]
-
-
-def test_unknown_autoscale_setting_on_a_live_pool(pool: cloudmap.Pool) -> None:
-    with pytest.raises(cloudmap.InputError, match="max_nodes"):
-        pool.autoscale(maximum=3)
 
 
 def test_bad_eviction() -> None:

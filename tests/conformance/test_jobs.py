@@ -1,80 +1,15 @@
-"""Jobs with preparation and release: once per node before its first task, and at the end."""
+"""Jobs with preparation and release on every provider (cloudmap.testing.jobs)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from cloudmap.testing import JobTests
 
-import pytest
-
-import cloudmap
-from cloudmap import JobPreparationError, JobReleaseError
-
-from . import tasks
+from .harnesses import AzureEmulatorHarness, LocalHarness
 
 
-@pytest.fixture(scope="module")
-def two_slot_pool(provider: str) -> Iterator[cloudmap.Pool]:
-    with cloudmap.Pool(provider, nodes=2, slots_per_node=2) as pool:
-        pool.wait_for_nodes()
-        yield pool
+class TestLocal(LocalHarness, JobTests):
+    pass
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().split() if path.exists() else []
-
-
-def test_prepare_once_per_node_and_release_where_prepared(
-    two_slot_pool: cloudmap.Pool, tmp_path: Path
-) -> None:
-    prepared, released = tmp_path / "prepared.log", tmp_path / "released.log"
-    with two_slot_pool.job(
-        prepare=f'echo "$CLOUDMAP_NODE_ID" >> {prepared}; sleep 0.2',
-        release=f'echo "$CLOUDMAP_NODE_ID" >> {released}',
-    ) as job:
-        nodes = job.map(tasks.job_node, range(200), progress=False)
-        again = job.run("echo $CLOUDMAP_JOB_ID", ["x"])
-        assert again[0].stdout.strip() == job.id
-        assert _lines(released) == [], "released before the job ended"
-    assert sorted(_lines(prepared)) == sorted(set(_lines(prepared))), "prepared twice"
-    assert set(_lines(prepared)) == set(nodes)
-    assert sorted(_lines(released)) == sorted(_lines(prepared))
-
-
-def test_release_runs_when_the_job_fails(two_slot_pool: cloudmap.Pool, tmp_path: Path) -> None:
-    released = tmp_path / "released.log"
-    with (
-        pytest.raises(cloudmap.TaskError),
-        two_slot_pool.job(prepare="true", release=f'echo "$CLOUDMAP_NODE_ID" >> {released}') as job,
-    ):
-        job.map(tasks.fail_on, range(10), progress=False)
-    assert _lines(released), "the release did not run after a failed job"
-
-
-def test_a_failed_preparation_fails_the_tasks_with_its_output(
-    two_slot_pool: cloudmap.Pool,
-) -> None:
-    with two_slot_pool.job(prepare="echo no licence >&2; exit 2") as job:
-        results = job.map(tasks.square, range(4), on_error="return", progress=False)
-    assert all(isinstance(r, cloudmap.TaskError) for r in results)
-    error = results[0].exception
-    assert isinstance(error, JobPreparationError)
-    assert "exited with status 2" in str(error) and "no licence" in str(error)
-
-
-def test_a_failed_release_is_reported(two_slot_pool: cloudmap.Pool) -> None:
-    job = two_slot_pool.job(prepare="true", release="exit 5")
-    job.map(tasks.square, range(4), progress=False)
-    with pytest.raises(JobReleaseError, match="status 5"):
-        job.close()
-    with pytest.raises(cloudmap.InputError, match="has ended"):
-        job.map(tasks.square, [1])
-
-
-def test_callable_steps_and_bad_steps(two_slot_pool: cloudmap.Pool) -> None:
-    with two_slot_pool.job(prepare=tasks.write_shared_marker) as job:
-        assert job.map(tasks.square, [3], progress=False) == [9]
-    with pytest.raises(cloudmap.InputError, match="neither a shell command nor a callable"):
-        two_slot_pool.job(prepare=42)  # type: ignore[arg-type]
-    with pytest.raises(cloudmap.InputError, match="does not take"):
-        two_slot_pool.job().map(tasks.square, [1], chunks=3)
+class TestAzure(AzureEmulatorHarness, JobTests):
+    pass

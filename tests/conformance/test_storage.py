@@ -1,224 +1,24 @@
-"""Input and output files in storage: local folders (file://) and Azure Blob on Azurite.
-
-memory:// is left out: each node is its own process, and fsspec's memory filesystem lives
-inside one process.
-"""
+"""Staged input and output files on every provider (cloudmap.testing.storage), and a bad
+upload condition, refused before any pool is involved."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from typing import Any
-
-import fsspec
-import psutil
 import pytest
 
 import cloudmap
-from tests.azurite import KEY, running_azurite
+from cloudmap.testing import StorageTests
 
-from . import tasks
-
-
-@dataclass
-class Store:
-    """A place in one storage backend, and how the client reaches it."""
-
-    base: str  # URL prefix, without a trailing slash
-    options: dict[str, Any]
-
-    def url(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    def write(self, name: str, text: str) -> None:
-        with fsspec.open(self.url(name), "w", **self.options) as file:
-            file.write(text)
-
-    def read(self, name: str) -> str:
-        with fsspec.open(self.url(name), "r", **self.options) as file:
-            return str(file.read())
-
-    def exists(self, name: str) -> bool:
-        fs, path = fsspec.core.url_to_fs(self.url(name), **self.options)
-        return bool(fs.exists(path))
+from .harnesses import AzureEmulatorHarness, LocalHarness
 
 
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[str]:
-    with running_azurite() as connection_string:
-        yield connection_string
+class TestLocal(LocalHarness, StorageTests):
+    pass
 
 
-@pytest.fixture(params=["file", "azure"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    if request.param == "file":
-        return Store(f"file://{tmp_path}", {})
-    connection_string = request.getfixturevalue("azurite")
-    container = f"c{uuid.uuid4().hex[:12]}"
-    options = {"connection_string": connection_string}
-    fsspec.filesystem("abfs", **options).mkdir(container)
-    return Store(f"abfs://{container}", options)
-
-
-@pytest.fixture
-def inputs(store: Store) -> Store:
-    for name in ("a", "b", "c"):
-        store.write(f"in/{name}.txt", f"hello {name}\n")
-    store.write("in/common.txt", "shared\n")
-    return store
-
-
-def test_map_downloads_inputs_and_uploads_outputs(pool: cloudmap.Pool, inputs: Store) -> None:
-    results = pool.map(
-        tasks.shout,
-        ["a", "b", "c"],
-        inputs=[inputs.url("in/{item}.txt"), inputs.url("in/common.txt")],
-        outputs=inputs.url("out/{item}.out"),
-        storage_options=inputs.options,
-    )
-    assert results == [len("hello a\nshared\n")] * 3
-    assert inputs.read("out/b.out") == "HELLO B\nSHARED\n"
-
-
-def test_run_a_command_per_item(pool: cloudmap.Pool, inputs: Store) -> None:
-    results = pool.run(
-        "tr a-z A-Z < {input} > {output} && echo done {item}",
-        ["a", "b"],
-        inputs=inputs.url("in/{item}.txt"),
-        outputs=inputs.url("out/{item}.txt"),
-        storage_options=inputs.options,
-    )
-    assert [r.exit_code for r in results] == [0, 0]
-    assert [r.stdout for r in results] == ["done a\n", "done b\n"]
-    assert results[0].outputs == [inputs.url("out/a.txt")]
-    assert inputs.read("out/a.txt") == "HELLO A\n"
-    node = pool.node(results[1].node)
-    relative = Path(results[1].directory).relative_to(Path(results[1].directory).parents[2])
-    assert node.read_file(str(relative / "stdout.txt")) == "done b\n"
-
-
-def test_a_failing_command_carries_its_stderr_and_loses_no_other_result(
-    pool: cloudmap.Pool, inputs: Store
-) -> None:
-    results = pool.run(
-        'if [ {item} = b ]; then echo "cannot read b" >&2; exit 3; fi; cat {input}',
-        ["a", "b", "c"],
-        inputs=inputs.url("in/{item}.txt"),
-        storage_options=inputs.options,
-        on_error="return",
-    )
-    assert results[0].stdout == "hello a\n" and results[2].stdout == "hello c\n"
-    error = results[1]
-    assert isinstance(error, cloudmap.TaskError)
-    assert isinstance(error.exception, cloudmap.CommandError)
-    assert error.exception.exit_code == 3 and "cannot read b" in str(error)
-
-
-def test_upload_conditions(pool: cloudmap.Pool, store: Store) -> None:
-    results = pool.map(
-        tasks.fail_with_log,
-        ["x"],
-        outputs=[
-            cloudmap.Output(store.url("logs/{item}-failure.txt"), on="failure"),
-            cloudmap.Output(store.url("logs/log.txt"), on="always"),
-            store.url("logs/{item}.out"),
-        ],
-        storage_options=store.options,
-        on_error="return",
-    )
-    assert isinstance(results[0], cloudmap.TaskError)
-    assert store.read("logs/log.txt") == "x went wrong\n"
-    assert not store.exists("logs/x.out"), "a success-only output was uploaded after a failure"
-
-
-def test_a_retry_starts_in_a_clean_directory(pool: cloudmap.Pool, tmp_path: Path) -> None:
-    fn = partial(tasks.dirty_then_clean, directory=str(tmp_path))
-    # outputs= makes the call staged; the output is the file the attempt leaves behind.
-    directories = pool.map(
-        fn, ["r"], retries=1, outputs=f"file://{tmp_path}/out/leftover", progress=False
-    )
-    assert (tmp_path / "r.tried").exists() and (tmp_path / "out" / "leftover").exists()
-    assert Path(directories[0]).name.startswith("item-0-")
-
-
-def test_a_missing_input_names_the_item_and_url_and_keeps_the_rest(
-    pool: cloudmap.Pool, inputs: Store
-) -> None:
-    with pytest.raises(cloudmap.TaskError) as caught:
-        pool.map(
-            tasks.shout,
-            ["a", "nothere", "c"],
-            inputs=[inputs.url("in/{item}.txt"), inputs.url("in/common.txt")],
-            storage_options=inputs.options,
-            batch_size=1,
-        )
-    error = caught.value
-    assert error.index == 1 and isinstance(error.exception, cloudmap.StagingError)
-    assert f"input {inputs.url('in/nothere.txt')} of item 1 does not exist" in str(error)
-    assert error.results.get(0) == len("hello a\nshared\n")
-
-
-def test_an_output_that_matched_no_file(pool: cloudmap.Pool, inputs: Store) -> None:
-    with pytest.raises(cloudmap.TaskError, match=r"the task wrote no file 'a\.png'"):
-        pool.map(
-            tasks.shout,
-            ["a"],
-            inputs=[inputs.url("in/{item}.txt"), inputs.url("in/common.txt")],
-            outputs=inputs.url("out/{item}.png"),
-            storage_options=inputs.options,
-        )
-
-
-@pytest.mark.parametrize(
-    ("arguments", "message"),
-    [
-        ({"inputs": "file:///in/{name}.txt"}, r"names the field \{name\}, which does not exist"),
-        ({"outputs": "file:///out/{item"}, "malformed"),
-        ({"storage_options": "key"}, "storage_options='key'"),
-        ({"outputs": "memory://out/{item}"}, "memory:// lives inside one process"),
-    ],
-)
-def test_bad_staging_arguments_fail_before_any_work(
-    pool: cloudmap.Pool, arguments: dict[str, Any], message: str
-) -> None:
-    with pytest.raises(cloudmap.InputError, match=message):
-        pool.map(tasks.square, [1], **arguments)
+class TestAzure(AzureEmulatorHarness, StorageTests):
+    pass
 
 
 def test_a_bad_upload_condition() -> None:
     with pytest.raises(cloudmap.InputError, match=r"Output\(on='sometimes'\) is not one of"):
         cloudmap.Output("file:///o/{item}", on="sometimes")
-
-
-def test_bad_command_templates(pool: cloudmap.Pool) -> None:
-    with pytest.raises(cloudmap.InputError, match=r"\{file\}, which does not exist"):
-        pool.run("cat {file}", ["a"])
-    with pytest.raises(cloudmap.InputError, match="no inputs= were given"):
-        pool.run("cat {input}", ["a"])
-
-
-def test_wrong_credentials_name_the_url_and_stay_secret(pool: cloudmap.Pool, azurite: str) -> None:
-    wrong = azurite.replace(KEY, "d3Jvbmcta2V5" * 7 + "AA==")
-    url = "abfs://nowhere/in/a.txt"
-    results = pool.map(
-        tasks.shout,
-        ["a"],
-        inputs=url,
-        storage_options={"connection_string": wrong},
-        on_error="return",
-    )
-    error = results[0]
-    assert isinstance(error, cloudmap.TaskError)
-    assert isinstance(error.exception, cloudmap.StagingError) and url in str(error)
-    for process in psutil.Process().children(recursive=True):
-        assert "d3Jvbmcta2V5" not in " ".join(process.cmdline())
-    assert "d3Jvbmcta2V5" not in str(error)
-
-
-def test_an_executor_with_staging_refuses_submit(pool: cloudmap.Pool, tmp_path: Path) -> None:
-    executor = pool.executor(outputs=f"file://{tmp_path}/{{item}}.out")
-    with pytest.raises(cloudmap.InputError, match="submit does not"):
-        executor.submit(tasks.square, 2)

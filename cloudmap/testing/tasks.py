@@ -1,4 +1,4 @@
-"""Functions the conformance tests run on the pool's nodes (importable there, kept light)."""
+"""Functions the conformance tests run on the nodes (importable there, so kept light)."""
 
 from __future__ import annotations
 
