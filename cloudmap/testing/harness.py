@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from cloudmap import Eviction, Pool
 
 
-class MissingCapabilityError(NotImplementedError):
+class MissingCapabilityError(cloudmap.CloudmapError, NotImplementedError):
     """A test used a fault action whose capability its harness does not declare."""
 
 
