@@ -12,25 +12,38 @@ the image or ``install=`` gave them, which is where the two part.
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 
 import cloudmap
 
+#: What a node imports to run tasks, besides cloudmap: the client's versions must be there.
+NODE_REQUIREMENTS = ("dask", "distributed", "cloudpickle", "numpy", "fsspec")
+
 
 def versions() -> dict[str, str]:
-    """What must match between client and nodes: Python's minor version and cloudmap's."""
+    """What must match between client and nodes: Python's minor version, cloudmap's, and
+    those of :data:`NODE_REQUIREMENTS` ("none" where one is missing)."""
     python = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    return {"python": python, "cloudmap": str(cloudmap.__version__)}
+    found = {"python": python, "cloudmap": str(cloudmap.__version__)}
+    for name in NODE_REQUIREMENTS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "none"
+    return found
 
 
 def mismatch(client: dict[str, str]) -> str | None:
-    """Why this node cannot serve a client with these ``versions()``, or None if it can."""
+    """Why this node cannot serve a client with these ``versions()``, or None if it can.
+    Only what the client named is compared (an older client names fewer)."""
     here = versions()
-    differ = [name for name in ("python", "cloudmap") if client.get(name) != here[name]]
+    differ = [name for name in client if name in here and client[name] != here[name]]
     if not differ:
         return None
-    parts = ", ".join(f"{name} {client.get(name)} (node: {here[name]})" for name in differ)
+    parts = ", ".join(f"{name} {client[name]} (node: {here[name]})" for name in differ)
     return (
         f"this node cannot run the client's tasks: the client runs {parts}. Give the nodes "
-        "the client's versions: an image with that Python, and install= naming a cloudmap "
-        f"{client.get('cloudmap')} wheel or git URL"
+        "the client's versions: staging_url= ships them (or an image with that Python, and "
+        f"install= naming a cloudmap {client.get('cloudmap')} wheel or git URL, and matching "
+        "packages)"
     )

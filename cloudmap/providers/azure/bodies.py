@@ -21,25 +21,38 @@ from ...node import compat
 from ...node import start_task as start_task_pickle
 from ..base import PoolSpec
 from .settings import AzureSettings
+from .shipping import ShippedEnvironment
 
 #: Environment settings of the start task.
 CONFIG_VARIABLE = "CLOUDMAP_NODE_CONFIG"  # base64 JSON of the node configuration; secret
 PYTHON_VARIABLE = "CLOUDMAP_PYTHON"
 INSTALL_VARIABLE = "CLOUDMAP_INSTALL"
+SHIP_WHEELS_VARIABLE = "CLOUDMAP_SHIP_WHEELS"  # file names of the shipped wheels
+SHIP_REQUIREMENTS_VARIABLE = "CLOUDMAP_SHIP_REQUIREMENTS"  # the pinned requirements
 SECRET_VARIABLES = frozenset({CONFIG_VARIABLE})
 #: Pool metadata that marks a pool as made by cloudmap (``python -m cloudmap pools list``).
 TAG = "cloudmap"
 
-#: Runs on each node: find (or install) cloudmap, then hand over to its Batch bootstrap,
-#: which starts the node agent and exits with the user's start task's outcome.
+#: Runs on each node: install the shipped environment, or find (or install) cloudmap, then
+#: hand over to its Batch bootstrap, which starts the node agent and exits with the user's
+#: start task's outcome. A shipped environment is a virtual environment of the node's own:
+#: the shipped wheels (resource files, in the start task's directory) without their
+#: dependencies, then the pinned requirements. ``set -f``: a requirement's brackets are
+#: not file patterns.
 BOOTSTRAP = (
-    'PY="${CLOUDMAP_PYTHON:-python3}"; '
-    '"$PY" -c "import cloudmap.node.batch_boot" 2>/dev/null || { '
-    '[ -n "$CLOUDMAP_INSTALL" ] || { echo "cloudmap is not installed for $PY on this image '
-    'and no install= was given" >&2; exit 90; }; '
+    'set -f; PY="${CLOUDMAP_PYTHON:-python3}"; '
     'ENV="$AZ_BATCH_NODE_SHARED_DIR/cloudmap-env"; '
+    'PIP="-m pip install --quiet --disable-pip-version-check"; '
+    'if [ -n "$CLOUDMAP_SHIP_WHEELS" ]; then '
     '"$PY" -m venv "$ENV" && PY="$ENV/bin/python" && '
-    '"$PY" -m pip install --quiet "$CLOUDMAP_INSTALL" || exit 90; }; '
+    '"$PY" $PIP --no-deps $CLOUDMAP_SHIP_WHEELS && "$PY" $PIP $CLOUDMAP_SHIP_REQUIREMENTS '
+    "|| exit 90; "
+    'elif ! "$PY" -c "import cloudmap.node.batch_boot" 2>/dev/null; then '
+    '[ -n "$CLOUDMAP_INSTALL" ] || { echo "cloudmap is not installed for $PY on this image '
+    'and neither staging_url= nor install= was given" >&2; exit 90; }; '
+    '"$PY" -m venv "$ENV" && PY="$ENV/bin/python" && '
+    '"$PY" $PIP "$CLOUDMAP_INSTALL" || exit 90; '
+    "fi; "
     'exec "$PY" -m cloudmap.node.batch_boot'
 )
 
@@ -73,7 +86,12 @@ def node_config(spec: PoolSpec, scheduler: str, tls: dict[str, str], pool_id: st
 
 
 def pool_body(
-    spec: PoolSpec, settings: AzureSettings, *, pool_id: str, config: str
+    spec: PoolSpec,
+    settings: AzureSettings,
+    *,
+    pool_id: str,
+    config: str,
+    shipped: ShippedEnvironment | None = None,
 ) -> dict[str, Any]:
     """The body of Batch's "add pool" request (``BatchPoolCreateOptions``).
 
@@ -111,6 +129,15 @@ def pool_body(
             {"name": "cloudmap-client", "value": socket.gethostname()},
         ],
     }
+    if shipped is not None:
+        start_task = body["startTask"]
+        start_task["resourceFiles"] = [
+            {"httpUrl": url, "filePath": path} for url, path in shipped.resource_files
+        ]
+        start_task["environmentSettings"] += [
+            {"name": SHIP_WHEELS_VARIABLE, "value": " ".join(shipped.wheels)},
+            {"name": SHIP_REQUIREMENTS_VARIABLE, "value": " ".join(shipped.requirements)},
+        ]
     if settings.subnet_id:
         body["networkConfiguration"] = {"subnetId": settings.subnet_id}
     return body

@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from ... import __version__
 from ...autoscale import Autoscale
+from ...environment import requirements_for, shipment
 from ...errors import InputError, PoolStartError
 from ...loops import poll_until
 from ...nodes import ProviderNode, StartTaskInfo
@@ -29,6 +31,7 @@ from ..base import PoolSpec, Provider
 from . import bodies
 from .auth import default_credential
 from .settings import AzureSettings
+from .shipping import ShippedEnvironment, check_staging_url, ship
 from .states import provider_state
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,10 @@ class AzureBatchProvider(Provider):
         self._listed: tuple[float, list[ProviderNode]] = (0.0, [])
         self._outputs: dict[str, StartTaskInfo] = {}
         self._removed: set[str] = set()  # node ids (Batch never reuses one)
+        #: The client's environment as shipped to the nodes (``staging_url=``), once started.
+        self.shipped: ShippedEnvironment | None = None
+        if self.settings.staging_url and not self.settings.install:
+            check_staging_url(self.settings.staging_url, dict(spec.storage_options))
 
     # -- the scheduler's address, as nodes must reach it -------------------------------
 
@@ -135,11 +142,13 @@ class AzureBatchProvider(Provider):
             options.pop(ignored, None)
         settings = AzureSettings.resolve(**options)
         pool_id = settings.pool_id or "cloudmap-<12 random hex digits>"
+        shipped = _planned_shipment(spec, settings)
         body = bodies.pool_body(
             spec,
             settings,
             pool_id=pool_id,
-            config=bodies.node_config(spec, "<scheduler>", {}, pool_id),
+            config=bodies.node_config(_node_spec(spec, shipped), "<scheduler>", {}, pool_id),
+            shipped=shipped,
         )
         return {
             "provider": cls.name,
@@ -170,12 +179,27 @@ class AzureBatchProvider(Provider):
 
     def body(self, scheduler_address: str) -> dict[str, Any]:
         """The pool body this provider sends (with secrets in it: see ``bodies.redacted``)."""
-        config = bodies.node_config(self.spec, scheduler_address, self.tls, self.pool_id)
-        return bodies.pool_body(self.spec, self.settings, pool_id=self.pool_id, config=config)
+        spec = _node_spec(self.spec, self.shipped)
+        config = bodies.node_config(spec, scheduler_address, self.tls, self.pool_id)
+        return bodies.pool_body(
+            self.spec, self.settings, pool_id=self.pool_id, config=config, shipped=self.shipped
+        )
+
+    def _ship(self) -> None:
+        """With ``staging_url=`` and no ``install=``: build and upload the client's
+        environment for the start task (cloudmap.environment), once per content."""
+        if self.settings.install or not self.settings.staging_url:
+            return
+        storage_options = dict(self.spec.storage_options)
+        check_staging_url(self.settings.staging_url, storage_options)
+        self.shipped = ship(
+            shipment(self.spec.packages), self.settings.staging_url, storage_options
+        )
 
     def start(self, scheduler_address: str) -> None:
         from azure.batch import models
 
+        self._ship()
         body = self.body(scheduler_address)
         existing = self._existing_pool() if self.settings.pool_id else None
         if existing is not None:
@@ -473,3 +497,20 @@ def describe_error(exc: BaseException) -> str:
 
 def _text(data: bytes) -> str:
     return data.decode(errors="replace")[-65536:]
+
+
+def _node_spec(spec: PoolSpec, shipped: ShippedEnvironment | None) -> PoolSpec:
+    """The spec the node agents get: with a shipped environment, ``packages`` are in it
+    (pinned) and the agent has nothing more to install."""
+    return dataclasses.replace(spec, packages=()) if shipped is not None else spec
+
+
+def _planned_shipment(spec: PoolSpec, settings: AzureSettings) -> ShippedEnvironment | None:
+    """What ``staging_url=`` would ship, for ``plan``: the pins, and the wheel's place
+    (the wheel itself is built and uploaded only when a pool starts)."""
+    if settings.install or not settings.staging_url:
+        return None
+    check_staging_url(settings.staging_url, dict(spec.storage_options), credentials=False)
+    wheel = f"cloudmap-{__version__}-py3-none-any.whl"
+    url = f"{settings.staging_url.rstrip('/')}/<sha256 of the wheel>/{wheel}?<read-only SAS>"
+    return ShippedEnvironment(((url, wheel),), (wheel,), requirements_for(spec.packages), ())

@@ -40,6 +40,7 @@ class AzureSettings:
     keep_pool: bool = False
     python: str = "python3"
     install: str = "cloudmap[azure]"
+    staging_url: str | None = None
     scheduler_host: str | None = None
     scheduler_port: int = 0
     resize_timeout: float = 900
