@@ -10,7 +10,9 @@ installed files), and the rule for versions, kept simple:
   installed versions;
 - each ``packages=`` entry that names only a project is pinned to the client's version of it
   when the client has it; an entry with a version, a marker or a URL is kept as written,
-  and replaces the pin of the same project.
+  and replaces the pin of the same project;
+- a ``packages=`` entry that is a local project directory (your own package, path-installed
+  or editable) is built into a wheel and shipped like cloudmap's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import base64
 import csv
 import hashlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -82,15 +85,26 @@ def project_name(requirement: str) -> str:
 
 
 def shipment(packages: Iterable[str] = (), cache: Path = WHEEL_CACHE) -> Shipment:
-    """This cloudmap as a wheel, and :func:`requirements_for` ``packages``."""
-    return Shipment((cloudmap_wheel(cache),), requirements_for(packages))
+    """This cloudmap as a wheel, each ``packages=`` entry that is a local project directory
+    as a wheel too, and :func:`requirements_for` the other entries."""
+    listed = [str(p) for p in packages]
+    local = [Path(p).expanduser() for p in listed if _is_project(p)]
+    wheels = [cloudmap_wheel(cache), *(_built_wheel(path, cache, name=None) for path in local)]
+    remote = [p for p in listed if not _is_project(p)]
+    return Shipment(tuple(wheels), requirements_for(remote))
+
+
+def _is_project(entry: str) -> bool:
+    """A local directory pip can build: a path-installed or editable project of yours."""
+    path = Path(entry).expanduser()
+    return path.is_dir() and any((path / f).is_file() for f in ("pyproject.toml", "setup.py"))
 
 
 def cloudmap_wheel(cache: Path = WHEEL_CACHE) -> Path:
     """A wheel of the cloudmap this process runs, built once per content."""
     package = Path(__file__).resolve().parent
     if (package.parent / "pyproject.toml").is_file():  # a source tree: editable, or on sys.path
-        return _built_wheel(package.parent, cache)
+        return _built_wheel(package.parent, cache, name="cloudmap")
     return _repacked_wheel(_installed_distribution(package), cache)
 
 
@@ -108,19 +122,32 @@ def _installed_distribution(package: Path) -> metadata.Distribution:
 
 
 def _tree_hash(source: Path) -> str:
-    """A hash of what a wheel of the project is built from: its metadata and package."""
+    """A hash of what a wheel of the project is built from: its files, but for hidden ones
+    (version control, virtual environments, tool caches) and build output."""
     digest = hashlib.sha256()
-    files = [source / "pyproject.toml", *sorted((source / "cloudmap").rglob("*"))]
-    for path in files:
-        if path.is_file() and "__pycache__" not in path.parts:
+    for folder, subfolders, files in os.walk(source):
+        subfolders[:] = sorted(d for d in subfolders if not _skipped(d))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
             digest.update(str(path.relative_to(source)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def _built_wheel(source: Path, cache: Path) -> Path:
+def _skipped(folder: str) -> bool:
+    return (
+        folder.startswith(".")
+        or folder.endswith(".egg-info")
+        or folder in ("__pycache__", "build", "dist", "node_modules")
+    )
+
+
+def _built_wheel(source: Path, cache: Path, *, name: str | None) -> Path:
+    """A wheel of the project at ``source`` (``pip wheel``), built once per content."""
     target = cache / _tree_hash(source)
-    found = sorted(target.glob("cloudmap-*.whl"))
+    found = sorted(target.glob("*.whl"))
     if found:
         return found[0]
     target.mkdir(parents=True, exist_ok=True)
@@ -140,12 +167,13 @@ def _built_wheel(source: Path, cache: Path) -> Path:
         text=True,
         check=False,
     )
-    found = sorted(target.glob("cloudmap-*.whl"))
+    found = sorted(target.glob("*.whl"))
     if built.returncode != 0 or not found:
+        what = name or str(source)
         raise InputError(
-            f"cannot build a wheel of cloudmap from {source} to ship to the nodes "
+            f"cannot build a wheel of {what} from {source} to ship to the nodes "
             f"(pip wheel exited with {built.returncode}):\n{built.stderr[-2000:]}\n"
-            "Pass install= (a wheel or git URL of cloudmap the nodes can reach) instead"
+            "Fix the project, or give the nodes a wheel or git URL of it instead"
         )
     return found[0]
 
@@ -154,12 +182,16 @@ def _repacked_wheel(distribution: metadata.Distribution, cache: Path) -> Path:
     """A wheel made of the installed files (those RECORD lists), as pip installed them."""
     files = [f for f in distribution.files or () if not str(f).endswith(".pyc")]
     if not files:
-        raise InputError("cloudmap's installed files are not listed; pass install= instead")
+        raise InputError(
+            f"the installed files of {distribution.metadata['Name']} are not listed, so they "
+            "cannot be shipped; pass install= (a wheel or git URL the nodes can reach) instead"
+        )
     contents = {str(f): Path(str(distribution.locate_file(f))).read_bytes() for f in files}
     info = next(name.split("/")[0] for name in contents if ".dist-info/" in name)
     contents.pop(f"{info}/RECORD", None)
     digest = hashlib.sha256(b"".join(contents[name] for name in sorted(contents))).hexdigest()
-    target = cache / digest[:16] / f"cloudmap-{distribution.version}-py3-none-any.whl"
+    project = re.sub(r"[-_.]+", "_", distribution.metadata["Name"])
+    target = cache / digest[:16] / f"{project}-{distribution.version}-py3-none-any.whl"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

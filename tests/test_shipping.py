@@ -9,6 +9,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import cloudpickle
@@ -52,6 +53,29 @@ def test_the_wheel_is_this_cloudmap_and_built_once(tmp_path: Path) -> None:
     names = zipfile.ZipFile(first).namelist()
     assert "cloudmap/environment.py" in names
     assert any(name.endswith(".dist-info/METADATA") for name in names)
+
+
+def test_an_installed_distribution_repacks_into_a_wheel_pip_installs(tmp_path: Path) -> None:
+    # What ships when cloudmap was installed from a wheel, not from a source tree.
+    wheel = environment._repacked_wheel(metadata.distribution("cloudpickle"), tmp_path)
+    assert wheel.name == f"cloudpickle-{metadata.version('cloudpickle')}-py3-none-any.whl"
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+    subprocess.run([*pip, "--target", str(target), str(wheel)], check=True)
+    assert (target / "cloudpickle" / "__init__.py").is_file()
+
+
+def test_a_local_project_in_packages_ships_as_a_wheel_of_its_own(tmp_path: Path) -> None:
+    project = tmp_path / "mylab"
+    (project / "mylab").mkdir(parents=True)
+    (project / "mylab" / "__init__.py").write_text("ANSWER = 42\n")
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "mylab"\nversion = "1.2.3"\n'
+    )
+    shipped = environment.shipment([str(project), "scipy"], cache=tmp_path / "wheels")
+    assert [w.name for w in shipped.wheels][1] == "mylab-1.2.3-py3-none-any.whl"
+    assert str(project) not in shipped.requirements and "scipy" in shipped.requirements
 
 
 def test_a_staging_url_the_nodes_cannot_read_is_refused_before_anything_starts() -> None:
