@@ -72,8 +72,10 @@ class AzureBatchProvider(Provider):
     Options: ``account_url=``, ``credential=`` (default: a shared key from
     AZURE_BATCH_ACCOUNT / AZURE_BATCH_ACCESS_KEY, else ``DefaultAzureCredential()``),
     ``vm_size=``, ``image=``, ``node_agent_sku_id=``, ``pool_id=`` (attach), ``keep_pool=``,
-    ``python=``, ``install=``, ``scheduler_host=``, ``scheduler_port=``, ``resize_timeout=``,
-    ``subnet_id=``, ``mpi=``, ``request_timeout=``, ``prices=cloudmap.NodePrices(...)``.
+    ``python=``, ``install=``, ``staging_url=`` (ship this cloudmap and the client's
+    versions through a blob container: cloudmap.environment), ``scheduler_host=``,
+    ``scheduler_port=``, ``resize_timeout=``, ``subnet_id=``, ``mpi=``,
+    ``request_timeout=``, ``prices=cloudmap.NodePrices(...)``.
     Each setting not given comes from Dask's configuration (``cloudmap.azure.*``), then
     azure.yaml.
     """
