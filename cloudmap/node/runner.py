@@ -226,13 +226,16 @@ class _TaskContext:
 
 
 def _was_written(envelope: dict[str, Any], written: Any) -> bool:
-    """Whether a batch holding ``envelope`` is among the last batches the stream wrote."""
-    for count, payload in enumerate(reversed(written)):
-        if count == 4:
-            return False
-        if isinstance(payload, list) and any(m is envelope for m in payload):
-            return True
-    return False
+    """Whether a batch holding ``envelope`` is among the last batches the stream wrote.
+
+    The event loop appends to ``written`` while this thread looks: copy it in one step
+    (``tuple`` of a deque runs in C, under the GIL) rather than iterate it in place, which
+    raised "deque mutated during iteration" under load.
+    """
+    recent = tuple(written)[-4:]
+    return any(
+        isinstance(payload, list) and any(m is envelope for m in payload) for payload in recent
+    )
 
 
 class _Armed(NamedTuple):
