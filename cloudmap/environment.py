@@ -87,10 +87,12 @@ def project_name(requirement: str) -> str:
 def shipment(packages: Iterable[str] = (), cache: Path = WHEEL_CACHE) -> Shipment:
     """This cloudmap as a wheel, each ``packages=`` entry that is a local project directory
     as a wheel too, and :func:`requirements_for` the other entries."""
-    listed = [str(p) for p in packages]
-    local = [Path(p).expanduser() for p in listed if _is_project(p)]
-    wheels = [cloudmap_wheel(cache), *(_built_wheel(path, cache, name=None) for path in local)]
-    remote = [p for p in listed if not _is_project(p)]
+    wheels, remote = [cloudmap_wheel(cache)], []
+    for entry in map(str, packages):
+        if _is_project(entry):
+            wheels.append(_built_wheel(Path(entry).expanduser(), cache, name=None))
+        else:
+            remote.append(entry)
     return Shipment(tuple(wheels), requirements_for(remote))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -19,46 +19,14 @@ from .errors import InputError, JobPreparationError, JobReleaseError
 from .node.job_steps import JobSteps
 from .options import MapOptions
 
+if TYPE_CHECKING:
+    from .work import Work
+
 JobStep = str | Callable[[], Any] | None
 
 # The job errors are cloudmap.JobPreparationError and cloudmap.JobReleaseError; they are
 # also importable from here, where docs/storage.md first showed them.
-__all__ = ["Job", "JobPreparationError", "JobReleaseError", "JobRunner", "JobStep"]
-
-
-class JobRunner(Protocol):
-    """What a job needs of its pool: maps and commands run as part of the job (each
-    function wrapped so that nodes are prepared first), and the release on every node."""
-
-    def map_all(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        options: MapOptions,
-        *,
-        job: JobSteps | None = None,
-    ) -> list[Any]: ...
-
-    def imap(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        options: MapOptions,
-        *,
-        ordered: bool,
-        job: JobSteps | None = None,
-    ) -> Iterator[Any]: ...
-
-    def run(
-        self,
-        command: str,
-        items: Iterable[Any],
-        options: MapOptions,
-        *,
-        job: JobSteps | None = None,
-    ) -> list[Any]: ...
-
-    def release_job(self, steps: JobSteps) -> dict[str, str]: ...
+__all__ = ["Job", "JobPreparationError", "JobReleaseError", "JobStep"]
 
 
 def _step_payload(step: JobStep, name: str) -> str | bytes | None:
@@ -79,7 +47,7 @@ class Job:
     ``with`` block (or ``close()``) runs the release on every node that was prepared.
     """
 
-    def __init__(self, runner: JobRunner, prepare: JobStep = None, release: JobStep = None) -> None:
+    def __init__(self, runner: Work, prepare: JobStep = None, release: JobStep = None) -> None:
         self._runner = runner
         self.id = f"job-{uuid.uuid4().hex[:10]}"
         self.steps = JobSteps(

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .scaling import Scaler
 
 #: Seconds between asking the provider why no node is on the way (quota, timeout).
-ALLOCATION_CHECK = 1.0
+START_ALLOCATION_CHECK = 1.0
 
 
 def wait_for_first_slot(
@@ -32,7 +32,7 @@ def wait_for_first_slot(
     """Return once a slot has joined; raise :class:`~cloudmap.PoolStartError` when none
     will (every node failed, the provider cannot allocate) or none did within ``timeout``."""
     nodes: list[ProviderNode] = []
-    next_check = time.monotonic() + ALLOCATION_CHECK
+    next_check = time.monotonic() + START_ALLOCATION_CHECK
 
     def joined() -> bool:
         nonlocal nodes, next_check
@@ -44,7 +44,7 @@ def wait_for_first_slot(
             raise PoolStartError(_start_failure_message(nodes, spec), nodes)
         if len(failed) == len(nodes) and time.monotonic() > next_check:
             # Nothing on the way: did the provider say why (quota, allocation timeout)?
-            next_check = time.monotonic() + ALLOCATION_CHECK
+            next_check = time.monotonic() + START_ALLOCATION_CHECK
             errors = provider.allocation_errors()
             if errors:
                 raise PoolStartError(

@@ -3,9 +3,9 @@
 Each map (one Batch job) gets a fresh :class:`~cloudmap.engine.MapEngine`; this module
 wraps the function for what the call asks (staged files, a job's preparation), keeps the
 engines that are running (their unsent input is autoscale's backlog), and runs a job's
-release on the nodes. Jobs and executors see it through narrow interfaces
-(:class:`~cloudmap.jobs.JobRunner`, :class:`~cloudmap.futures.ExecutorBackend`), never the
-Pool.
+release on the nodes. Jobs call it, and executors see it through
+:class:`~cloudmap.futures.ExecutorBackend` (futures.py cannot import this module, which
+imports it); neither sees the Pool.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ async def serve(scheduler: str, name: str, directory: str) -> None:
     import dask
     from distributed import Worker
 
-    from ..dask_config import LOW_OVERHEAD
+    from ..dask_config import BATCH_INTERVAL, LOW_OVERHEAD
 
     dask.config.set(LOW_OVERHEAD)
     async with Worker(
@@ -58,7 +58,7 @@ async def serve(scheduler: str, name: str, directory: str) -> None:
         (Path(directory) / JOINED_MARKER).touch()
         stream = getattr(worker, "batched_stream", None)
         if stream is not None and hasattr(stream, "interval"):
-            stream.interval = 0.001  # see cloudmap.cluster.BATCH_INTERVAL
+            stream.interval = BATCH_INTERVAL
         await worker.finished()
 
 

@@ -192,10 +192,10 @@ class AzureBatchProvider(Provider):
         environment for the start task (cloudmap.environment), once per content."""
         if self.settings.install or not self.settings.staging_url:
             return
-        storage_options = dict(self.spec.storage_options)
-        check_staging_url(self.settings.staging_url, storage_options)
         self.shipped = ship(
-            shipment(self.spec.packages), self.settings.staging_url, storage_options
+            shipment(self.spec.packages),
+            self.settings.staging_url,
+            dict(self.spec.storage_options),
         )
 
     def start(self, scheduler_address: str) -> None:
