@@ -31,6 +31,7 @@ from azure.core.rest import HttpRequest
 from tests.batch_emulator import (
     API_VERSION,
     AUTOSCALE_RESIZE_CONFLICT,
+    NODE_HOST_VARIABLE,
     BatchEmulator,
     running_batch_emulator,
 )
@@ -115,7 +116,8 @@ def status_of(client: Any, method: str, path: str) -> int:
 
 def test_nodes_run_their_start_task_and_die_with_the_pool(batch: BatchEmulator) -> None:
     client = batch.client()
-    command = "env | grep -e ^AZ_BATCH_ -e ^EXTRA= | sort > env.txt; " + LEAVES_SLEEP
+    listed = "env | grep -e ^AZ_BATCH_ -e ^EXTRA= -e ^CLOUDMAP_NODE_HOST= | sort > env.txt; "
+    command = listed + LEAVES_SLEEP
     client.create_pool(
         pool_options(
             "work",
@@ -138,8 +140,11 @@ def test_nodes_run_their_start_task_and_die_with_the_pool(batch: BatchEmulator) 
     assert pool.resize_errors is None
 
     assert sorted(n.is_dedicated for n in nodes) == [False, True, True]
+    addresses = [node.ip_address for node in nodes]
+    assert len(set(addresses)) == 3, "each node has an address of its own"
     for node in nodes:
-        assert node.id.startswith("tvmps_") and node.ip_address == "127.0.0.1"
+        assert node.id.startswith("tvmps_")
+        assert node.ip_address.startswith("127.") and not node.ip_address.startswith("127.0.")
         assert node.vm_size == "Standard_D2s_v5" and node.total_tasks_run == 0
         info = node.start_task_info
         assert (info.state, info.exit_code, info.result, info.retry_count) == (
@@ -160,7 +165,8 @@ def test_nodes_run_their_start_task_and_die_with_the_pool(batch: BatchEmulator) 
         assert env["AZ_BATCH_ACCOUNT_URL"] == batch.url
         assert env["AZ_BATCH_NODE_IS_DEDICATED"] == str(node.is_dedicated).lower()
         assert env["AZ_BATCH_TASK_WORKING_DIR"].endswith(f"{node.id}/startup/wd")
-        assert env["AZ_BATCH_HOST_LIST"].split(",")[0] == "127.0.0.1"
+        assert sorted(env["AZ_BATCH_HOST_LIST"].split(",")) == sorted(addresses)
+        assert env[NODE_HOST_VARIABLE] == node.ip_address
         assert env["EXTRA"] == "1"
         assert client.get_node("work", node.id).state == "idle"
 

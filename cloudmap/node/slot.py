@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 #: Where the agent put the pool's certificates when the scheduler speaks TLS only.
 TLS_DIR_VARIABLE = "CLOUDMAP_TLS_DIR"
+#: The one address this node's processes listen on, when the machine has several and only
+#: one is the node's (the Batch emulator gives each node a loopback address of its own).
+#: Unset on a real VM and locally: Dask then listens on every interface and tells the
+#: scheduler the machine's own address.
+NODE_HOST_VARIABLE = "CLOUDMAP_NODE_HOST"
+
+
+def node_host() -> str | None:
+    """The node's own address, if it was given one (NODE_HOST_VARIABLE)."""
+    return os.environ.get(NODE_HOST_VARIABLE) or None
 
 
 def security() -> Security | None:
@@ -46,6 +56,7 @@ async def serve(scheduler: str, name: str, directory: str) -> None:
     dask.config.set(LOW_OVERHEAD)
     async with Worker(
         scheduler,
+        host=node_host(),  # its HTTP server listens there too
         name=name,
         nthreads=1,
         memory_limit=0,

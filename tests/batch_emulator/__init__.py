@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from .server import API_VERSION, BatchServer
-from .state import AUTOSCALE_RESIZE_CONFLICT, CORES_PER_VM_SIZE, Account
+from .state import AUTOSCALE_RESIZE_CONFLICT, CORES_PER_VM_SIZE, NODE_HOST_VARIABLE, Account
 
 __all__ = [
     "API_VERSION",
     "AUTOSCALE_RESIZE_CONFLICT",
     "CORES_PER_VM_SIZE",
     "DEFAULT_KEY",
+    "NODE_HOST_VARIABLE",
     "BatchEmulator",
     "running_batch_emulator",
 ]

@@ -38,7 +38,12 @@ from typing import Any
 
 import isodate
 
+from .network import LoopbackNetwork
 from .nodes import Attempt, NodeProcesses, StartTaskSpec
+
+#: The variable that tells a node's processes the one address they may listen on
+#: (cloudmap.node.slot reads it; on a real VM it is unset and Dask picks the VM's address).
+NODE_HOST_VARIABLE = "CLOUDMAP_NODE_HOST"
 
 #: Cores per VM size (lower-cased), for the core quotas; other sizes count 2 cores.
 CORES_PER_VM_SIZE = {"standard_d2s_v5": 2, "standard_d4s_v5": 4, "standard_d8s_v5": 8}
@@ -146,9 +151,11 @@ def _count(body: dict[str, Any], name: str) -> int:
 class Node:
     """One compute node: its Batch state and, once it boots, its processes."""
 
-    def __init__(self, pool: Pool, dedicated: bool, now: float, delay: float) -> None:
+    def __init__(self, pool: Pool, dedicated: bool, now: float, delay: float, address: str) -> None:
         self.pool = pool
         self.dedicated = dedicated
+        #: The node's own address (its VM's private IP): a loopback address of its own.
+        self.address = address
         self.id = f"tvmps_{secrets.token_hex(32)}_{'d' if dedicated else 'p'}"
         self.state = "creating"
         self.state_time = now
@@ -171,7 +178,7 @@ class Node:
             "schedulingState": "enabled",
             "stateTransitionTime": rfc3339(self.state_time),
             "allocationTime": rfc3339(self.allocation_time),
-            "ipAddress": "127.0.0.1",
+            "ipAddress": self.address,
             "affinityId": f"TVM:{self.id}",
             "vmSize": self.pool.vm_size,
             "totalTasksRun": 0,
@@ -391,6 +398,8 @@ class Account:
         }
         self.quotas.update(quotas or {})
         self.env = env
+        #: The account's addresses: each node's, and the pools' public frontends.
+        self.network = LoopbackNetwork.random()
         self.lock = threading.RLock()
         self.pools: dict[str, Pool] = {}
         self.stalls: dict[str, float] = {}  # pool id -> allocations stall until this time
@@ -757,7 +766,7 @@ class Account:
                 pool.blocked[dedicated] = True
                 pool.resize_errors.append(_quota_error(dedicated, pool.vm_size, quota, used))
         for _ in range(count):
-            node = Node(pool, dedicated, now, self.delay)
+            node = Node(pool, dedicated, now, self.delay, self.network.next_node_address())
             pool.nodes[node.id] = node
         if count:
             pool.touch(now)
@@ -843,11 +852,13 @@ class Account:
                 "AZ_BATCH_TASK_WORKING_DIR": str(dirs["startup_wd"]),
             }
         )
+        # Where the node's processes listen: its own address only (a VM has no other).
+        env[NODE_HOST_VARIABLE] = node.address
         if pool.spec.get("enableInterNodeCommunication"):
-            # Every emulated node is 127.0.0.1; the lists hold one entry per node of the
-            # pool that is allocated (not leaving or preempted) when the start task starts.
+            # One entry per node of the pool that is allocated (not leaving or preempted)
+            # when the start task starts.
             hosts = [
-                "127.0.0.1"
+                n.address
                 for n in pool.nodes.values()
                 if n.state not in ("leavingpool", "preempted")
             ]
