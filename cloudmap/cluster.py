@@ -25,8 +25,8 @@ from distributed.core import Status
 from distributed.scheduler import KilledWorker
 
 from . import scheduler_plugin as on_scheduler
-from .dask_config import BATCH_INTERVAL, LOW_OVERHEAD
-from .errors import WorkerLostError
+from .dask_config import BATCH_INTERVAL, LOW_OVERHEAD, SCHEDULER_OPTIONS
+from .errors import SchedulerLostError, WorkerLostError
 from .failures import LossCause, TaskLoss
 from .loops import poll_until
 from .node.runner import exit_slot, run_batch
@@ -73,43 +73,113 @@ Deliver = Callable[[TaskHandle, str, Any], None]
 
 
 class DaskCluster:
-    """A scheduler on ``host`` and a client connected to it.
+    """The pool's scheduler and a client connected to it.
+
+    By default the scheduler runs here, in this process, on ``host``. :meth:`remote` makes
+    one whose scheduler runs elsewhere (on a pool node, decision 0008), which the client
+    reaches with :meth:`connect` once the provider has started it; it survives a dropped
+    connection for ``reconnect_timeout`` seconds (the tasks the scheduler dropped with it
+    are sent again: :attr:`~cloudmap.failures.LossCause.DISCONNECTED`).
 
     ``allowed_failures=0``: a task whose slot dies is reported to cloudmap at once, which
     decides between retry (crash), free requeue (a task only queued on the dead slot) and
     timeout, item by item.
     """
 
+    _cluster: SpecCluster | None  # the in-process scheduler's, None for a remote one
+    _address: str | None
+
     def __init__(self, host: str = "127.0.0.1", *, port: int = 0, tls: bool = False) -> None:
-        logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
-        #: Per-pool temporary certificates when ``tls``: every connection (client, scheduler,
-        #: slots) is TLS, and a peer without them is refused.
-        self.security = Security.temporary() if tls else None
+        self._prepare(tls)
         with dask.config.set(LOW_OVERHEAD):
             self._cluster = self._start_scheduler(host, port, self.security)
+        self._address = str(self._cluster.scheduler_address)
         # Results come straight from the slots, except over TLS: there, a client connecting
         # to a slot that a crashing task was taking down waited out the whole connect
         # timeout (30 s) about once per three crashes, so results go through the scheduler,
         # which runs in this process anyway. (The scheduler still connects to the slots.)
-        self.client = Client(
-            self._cluster, direct_to_workers=self.security is None, security=self.security
-        )
-        self._plugin = on_scheduler.PoolPlugin()
-        _shorten_batching_interval(self.client)
-        self._plugin.attach(self._cluster.scheduler)
+        direct = self.security is None
+        self._connect(Client(self._cluster, direct_to_workers=direct, security=self.security))
+
+    def _prepare(self, tls: bool) -> None:
+        """The state every cluster has, before it has a scheduler and client."""
+        #: Per-pool temporary certificates when ``tls``: every connection (client, scheduler,
+        #: slots) is TLS, and a peer without them is refused.
+        self.security = Security.temporary() if tls else None
+        self._cluster = None
+        self._address = None
+        self.reconnect_timeout = 0.0
+        self._events_lock = threading.Lock()
         self._timeouts: dict[str, bytes] = {}
         self._started: dict[str, set[str]] = {}
-        self._events_lock = threading.Lock()
-        self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
-        self.client.subscribe_topic(STARTED_TOPIC, self._on_started_event)
         self._slot_count = (0.0, 0)
         self._task_ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
+        self._comm: object = None
         #: Tasks whose outcome came back (a result or an error), for the pool widget.
         self.finished_tasks = 0
         #: Asks the provider whether a node was taken away (preempted, removed) when a slot
         #: dies without warning: providers that learn of it only afterwards (Batch) set it.
         self.node_taken: Callable[[str], bool] | None = None
+        #: Why the cluster cannot go on (its scheduler was lost), once that is known.
+        self.broken: str | None = None
+        self._closing = False
+
+    @classmethod
+    def remote(cls, *, reconnect_timeout: float) -> DaskCluster:
+        """A cluster whose scheduler a provider starts elsewhere: TLS, not connected yet
+        (the provider needs :meth:`node_tls` to start the scheduler)."""
+        cluster = cls.__new__(cls)
+        cluster._prepare(tls=True)
+        cluster.reconnect_timeout = reconnect_timeout
+        return cluster
+
+    def connect(self, address: str, timeout: float) -> None:
+        """Connect to a remote scheduler at ``address``. Results come through the
+        scheduler: the slots are on a network this client cannot reach."""
+        try:
+            client = Client(
+                address, security=self.security, direct_to_workers=False, timeout=timeout
+            )
+        except OSError as exc:
+            raise SchedulerUnreachableError(address, exc) from exc
+        # Dask's client gives up reconnecting after its connect timeout: once connected,
+        # the window is the pool's.
+        client._timeout = self.reconnect_timeout or timeout
+        self._address = address
+        self._connect(client)
+        self._watch_reconnects()
+
+    def _connect(self, client: Client) -> None:
+        logging.getLogger("distributed.scheduler").addFilter(_KILLED_WORKER_NOISE)
+        self.client = client
+        self.client.register_plugin(on_scheduler.PoolPlugin())
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Hear the slots' events, and batch less: again after each reconnection, since
+        the scheduler forgets a client's subscriptions when its connection drops."""
+        self._comm = self.client.scheduler_comm
+        _shorten_batching_interval(self.client)
+        self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
+        self.client.subscribe_topic(STARTED_TOPIC, self._on_started_event)
+
+    def _watch_reconnects(self) -> None:
+        async def watch() -> None:
+            while self.client.status not in ("closing", "closed"):
+                await asyncio.sleep(RECONNECT_CHECK)
+                comm = self.client.scheduler_comm
+                if self.client.status == "running" and comm is not None and comm is not self._comm:
+                    self._subscribe()
+            if self.broken is None and not self._closing:
+                self.broken = (
+                    f"the connection to the pool's scheduler at {self._address} was lost for "
+                    f"more than {self.reconnect_timeout:g} s"
+                )
+
+        loop = self.client.loop
+        assert loop is not None
+        loop.add_callback(watch)
 
     @staticmethod
     def _start_scheduler(host: str, port: int, security: Security | None) -> SpecCluster:
@@ -122,8 +192,7 @@ class DaskCluster:
             "host": host,
             "port": port,
             "dashboard_address": dashboard,
-            "allowed_failures": 0,
-            "validate": False,
+            **SCHEDULER_OPTIONS,
         }
         if security is not None:
             options["security"] = security
@@ -151,8 +220,9 @@ class DaskCluster:
         }
 
     @property
-    def scheduler_address(self) -> str:
-        return str(self._cluster.scheduler_address)
+    def scheduler_address(self) -> str | None:
+        """Where the client reaches the scheduler (None before a remote one is connected)."""
+        return self._address
 
     @staticmethod
     def status_for(*, closed: bool) -> Status:
@@ -161,6 +231,9 @@ class DaskCluster:
 
     @property
     def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, when it runs here (a remote one's is not exposed)."""
+        if self._cluster is None:
+            return None
         return self._cluster.dashboard_link if self._cluster.scheduler_info else None
 
     def submit_batch(self, fn_blob: bytes, batch_blob: bytes, label: str) -> TaskHandle:
@@ -182,7 +255,10 @@ class DaskCluster:
         try:
             value = await self.client.gather(task._future, asynchronous=True)
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
-            deliver(task, "cancelled", exc)
+            if _dropped_with_connection(exc):
+                deliver(task, "error", exc)  # loss_of: DISCONNECTED, sent again
+            else:
+                deliver(task, "cancelled", exc)
         except BaseException as exc:
             self.finished_tasks += 1
             deliver(task, "error", exc)
@@ -201,10 +277,14 @@ class DaskCluster:
         ``timed`` (the map has a timeout), what the timeout watchdog sent before it ended
         the slot comes along.
         """
+        if _dropped_with_connection(error):
+            return TaskLoss(LossCause.DISCONNECTED, None, error)
         if not isinstance(error, KilledWorker):
             return TaskLoss(LossCause.FAILED, None, error)
         slot = dead_slot(error)
-        if slot.address in self._plugin.evicted:
+        if slot.address is not None and self.client.run_on_scheduler(
+            on_scheduler.is_evicted, slot.address
+        ):
             return TaskLoss(LossCause.PREEMPTED, slot.name, error)
         lost = WorkerLostError(
             f"the slot process running this item died ({type(error).__name__}: {error})"
@@ -214,7 +294,7 @@ class DaskCluster:
         node = node_of(slot.name)
         if node is not None and self.node_taken is not None and self.node_taken(node):
             if slot.address is not None:
-                self._plugin.evicted.add(slot.address)
+                self.client.run_on_scheduler(on_scheduler.evict_slot, slot.address)
             return TaskLoss(LossCause.PREEMPTED, slot.name, error)
         partial = self.timeout_result(key) if timed else None
         return TaskLoss(LossCause.DIED, slot.name, lost, partial)
@@ -224,22 +304,18 @@ class DaskCluster:
     def mark_lost(self, node_id: str) -> None:
         """Remember the slots of a node about to be killed by its provider, so that the
         tasks they held are known as lost with the node, not as crashes."""
-        self._plugin.draining.discard(node_id)
         try:
-            addresses = self.client.run_on_scheduler(on_scheduler.node_workers, node_id)
+            self.client.run_on_scheduler(on_scheduler.evict_node, node_id)
         except Exception:  # the scheduler is closing: no task is waiting for a verdict
             return
-        self._plugin.evicted.update(addresses)
 
     def drain(self, node_id: str) -> None:
         """Give a node's slots no new task and move the tasks queued on them elsewhere;
         the tasks they are running finish (or are lost when the node is killed)."""
-        self._plugin.draining.add(node_id)
         self.client.run_on_scheduler(on_scheduler.drain_node, node_id)
 
     def undrain(self, node_id: str) -> None:
         """Let a drained node's slots take tasks again (an MPI run gave its nodes back)."""
-        self._plugin.draining.discard(node_id)
         self.client.run_on_scheduler(on_scheduler.undrain_node, node_id)
 
     def nodes_quiet(self, node_ids: list[str]) -> bool:
@@ -340,15 +416,37 @@ class DaskCluster:
         """The addresses of the connected slots."""
         return list(self.client.run_on_scheduler(on_scheduler.worker_addresses))
 
+    def check_usable(self) -> None:
+        """Raise :class:`~cloudmap.SchedulerLostError` once the scheduler is gone for good."""
+        if self.broken is not None:
+            raise SchedulerLostError(
+                f"{self.broken}; the pool cannot go on. Close it and make a new one (a pool "
+                "made with keep_pool=True can be attached again with pool_id=)."
+            )
+
+    def fail(self, reason: str) -> None:
+        """The scheduler is gone for good: record why and drop the client, so that what
+        waits on it stops now (the pool raises :class:`~cloudmap.SchedulerLostError`)."""
+        if self.broken is None:
+            self.broken = reason
+        self._closing = True
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close(timeout=2)
+
     def close_client(self) -> None:
         """Drop the client (and with it every future) before the nodes go away."""
-        self.client.close(timeout=10)
+        self._closing = True
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close(timeout=10)
 
     def close(self) -> None:
         try:
-            self.client.close(timeout=10)
+            self.close_client()
         finally:
-            self._cluster.close(timeout=10)
+            if self._cluster is not None:
+                self._cluster.close(timeout=10)
 
 
 #: Seconds to wait for a slot's last events (it started a task; a timeout's partial result):
@@ -357,6 +455,23 @@ class DaskCluster:
 EVENT_WAIT = 1.0
 #: Seconds to wait for the scheduler to drop slots that were told to exit.
 SLOTS_GONE_WAIT = 10.0
+#: Seconds between looks at whether the client reconnected to a remote scheduler.
+RECONNECT_CHECK = 0.2
+#: Dask's reason for cancelling a client's futures when its connection to the scheduler
+#: dropped (the scheduler forgets the tasks of a client that is gone).
+CONNECTION_LOST = "scheduler-connection-lost"
+
+
+class SchedulerUnreachableError(OSError):
+    """The client could not connect to a remote scheduler (the provider explains why)."""
+
+    def __init__(self, address: str, cause: BaseException) -> None:
+        super().__init__(f"could not connect to the pool's scheduler at {address}: {cause}")
+        self.address = address
+
+
+def _dropped_with_connection(error: BaseException) -> bool:
+    return getattr(error, "reason", None) == CONNECTION_LOST
 
 
 def _shorten_batching_interval(client: Client) -> None:

@@ -24,6 +24,11 @@ LOW_OVERHEAD: dict[str, Any] = {
     "distributed.scheduler.work-stealing": False,
 }
 
+#: The pool scheduler's options, wherever it runs (the client's process, a pool node):
+#: ``allowed_failures=0`` reports a task whose slot died at once (cloudmap decides what
+#: that costs the items: cloudmap.failures); ``validate`` checks are for Dask's own tests.
+SCHEDULER_OPTIONS: dict[str, Any] = {"allowed_failures": 0, "validate": False}
+
 #: Dask batches small messages for up to 10 ms (client to scheduler) and 5 ms (scheduler to
 #: worker) to save syscalls under heavy load; for cloudmap, whose tasks are already batches,
 #: that latency is what a tiny map or a submit() waits for. 1 ms keeps most of the saving.
@@ -38,6 +43,7 @@ DISTRIBUTED_VERSIONS = ">=2026.8.0,<2026.9"
 #: and tests/test_dask_internals.py checks each on a live scheduler, worker and client, so
 #: that an upgrade of ``distributed`` fails there, naming what changed, not in a map.
 PRIVATE_DASK_API: tuple[tuple[str, str, str], ...] = (
+    ("Client", "_timeout", "cluster: how long a client reconnects to a remote scheduler"),
     ("Scheduler", "_reschedule", "scheduler_plugin: move a task not yet begun off a slot"),
     ("Scheduler", "handle_worker_status_change", "scheduler_plugin: drain a slot at once"),
     ("Scheduler", "stream_handlers", "scheduler_plugin: screen slots' status reports"),

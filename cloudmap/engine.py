@@ -21,7 +21,13 @@ from typing import Any
 
 from .batching import BatchSizer
 from .cluster import DaskCluster, TaskHandle
-from .errors import InputError, PoolClosedError, SerializationError, TaskError
+from .errors import (
+    InputError,
+    PoolClosedError,
+    SchedulerLostError,
+    SerializationError,
+    TaskError,
+)
 from .failures import MAX_FREE_REQUEUES, Verdict, item_error, verdict
 from .options import MapOptions
 from .payload import (
@@ -296,6 +302,8 @@ class MapEngine:
         try:
             if kind == "ok":
                 self._take_result(task, load_result(payload))
+            elif self._cluster.broken is not None:
+                self._raise_scheduler_lost()
             elif self._is_closed():
                 raise PoolClosedError("the pool was closed while this map was running")
             else:
@@ -311,7 +319,10 @@ class MapEngine:
         positions = task.positions()
         loss = self._cluster.loss_of(task.key, error, timed=self._timeout is not None)
         decided = verdict(loss, len(positions))
-        if decided is Verdict.REQUEUE_PREEMPTED:
+        if decided is Verdict.RESEND:
+            self._counts.requeued += len(positions)
+            self._retry.extend((batch, position, 0) for batch, position in positions)
+        elif decided is Verdict.REQUEUE_PREEMPTED:
             self._requeue_preempted(positions)
         elif decided is Verdict.REQUEUE_LOST:
             self._requeue_lost(positions)  # it only waited on the slot that died
@@ -444,11 +455,20 @@ class MapEngine:
 
     def _check_alive(self, deadline: float | None) -> None:
         """While waiting: stop if the pool closed, lost every node, or the deadline passed."""
+        if self._cluster.broken is not None:
+            self._raise_scheduler_lost()
         if self._is_closed():
             raise PoolClosedError("the pool was closed while this map was running")
         self._slots()  # raises NoNodesError when no node is left or on its way
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("the map's results did not all arrive before its timeout")
+
+    def _raise_scheduler_lost(self) -> None:
+        try:
+            self._cluster.check_usable()
+        except SchedulerLostError as exc:
+            exc.results = self.buffered_results()
+            raise
 
     def _abort(self, *, kill_running: bool) -> None:
         handles = [task.handle for task in self._tasks.values() if task.handle is not None]

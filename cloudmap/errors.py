@@ -13,6 +13,16 @@ class PoolClosedError(CloudmapError, RuntimeError):
     """The pool was used after ``close()`` (or after its ``with`` block ended)."""
 
 
+class SchedulerLostError(PoolClosedError):
+    """The pool's scheduler is gone for good: the node hosting it was lost, or the client
+    was cut off from it for longer than it may be. The pool cannot go on; results that
+    arrived before are in ``results`` (by item index) where a map raised it."""
+
+    def __init__(self, message: str, results: dict[int, Any] | None = None) -> None:
+        super().__init__(message)
+        self.results = results or {}
+
+
 class PoolStartError(CloudmapError, RuntimeError):
     """No node of a new pool became ready in time; the pool left nothing running.
 

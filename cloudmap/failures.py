@@ -30,6 +30,7 @@ class LossCause(enum.Enum):
     QUEUED = "queued"  # its slot died while the task only waited there
     DIED = "died"  # its slot died while running it (crash, timeout watchdog, os._exit)
     FAILED = "failed"  # the cluster gave up on it for another reason
+    DISCONNECTED = "disconnected"  # the client lost the scheduler, which dropped its tasks
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,16 @@ class Verdict(enum.Enum):
     TAKE_PARTIAL = "take-partial"  # use what the timed-out slot finished; requeue the rest
     BISECT = "bisect"  # several items, one killed the slot: re-run in halves, uncharged
     CHARGE = "charge"  # the item's own fault: it spends an attempt
+    RESEND = "resend"  # send again, uncounted: the connection failed, not the items
 
 
 def verdict(loss: TaskLoss, items: int) -> Verdict:
-    """The rule, for a task of ``items`` items: losses with a node or behind another task
-    are free; a slot that died running one item is that item's attempt; with several
-    items, halving finds the culprit in log2(items) rounds instead of charging them all."""
+    """The rule, for a task of ``items`` items: losses with the client's connection, with a
+    node or behind another task are free; a slot that died running one item is that item's
+    attempt; with several items, halving finds the culprit in log2(items) rounds instead of
+    charging them all."""
+    if loss.cause is LossCause.DISCONNECTED:
+        return Verdict.RESEND
     if loss.cause is LossCause.PREEMPTED:
         return Verdict.REQUEUE_PREEMPTED
     if loss.cause is LossCause.QUEUED:

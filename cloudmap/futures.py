@@ -83,7 +83,7 @@ class Future(concurrent.futures.Future[Any]):
                 if decided is Verdict.REQUEUE_PREEMPTED:
                     self.preemptions += 1
                     self._submit_to_pool()
-                elif decided is Verdict.REQUEUE_LOST:
+                elif decided in (Verdict.REQUEUE_LOST, Verdict.RESEND):
                     self._submit_to_pool()
                 else:  # documented: a submitted call's slot death is its own exception
                     self.set_exception(loss.error)

@@ -100,6 +100,9 @@ class ClusterNodeEvents(NodeEvents):
     def lost(self, node_id: str) -> None:
         self._cluster.mark_lost(node_id)
 
+    def scheduler_lost(self, reason: str) -> None:
+        self._cluster.fail(reason)
+
 
 def teardown(scaler: Scaler | None, provider: Provider | None, cluster: DaskCluster) -> None:
     """Stop a pool's parts in order (see the module docstring); safe on a half-made pool."""

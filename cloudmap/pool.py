@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .autoscale import Autoscale
-from .cluster import DaskCluster
-from .errors import InputError, PoolClosedError
+from .cluster import DaskCluster, SchedulerUnreachableError
+from .errors import InputError, PoolClosedError, PoolStartError
 from .futures import Future, PoolExecutor
 from .gang import GangScheduler
 from .jobs import Job, JobStep
@@ -134,26 +134,30 @@ class Pool:
         self._close_lock = threading.Lock()
         self._widget: PoolWidget | None = None
         self._widget_lock = threading.Lock()
-        host, port = checked.provider_class.listen_address(provider_options)
-        self._cluster = DaskCluster(host, port=port, tls=checked.tls)
         self.provider: Provider | None = None
         self._scaler: Scaler | None = None
+        made = checked.provider_class(self.spec, **provider_options)  # makes nothing yet
+        if made.hosts_scheduler:
+            self._cluster = DaskCluster.remote(reconnect_timeout=made.reconnect_timeout)
+        else:
+            host, port = checked.provider_class.listen_address(provider_options)
+            self._cluster = DaskCluster(host, port=port, tls=checked.tls)
         try:
-            self.provider = checked.provider_class(self.spec, **provider_options)
-            parts = _assemble(self._cluster, self.provider, self.spec, autoscale, self._closed)
+            self.provider = made
+            parts = _assemble(self._cluster, made, self.spec, autoscale, self._closed)
             self._view, self._scaler, self._gang, self._work, self._mpi, self._backlog = parts
             # Nothing the parts hold refers to the pool: a pool nobody holds is collected,
             # and this finalizer tears it down.
-            self._finalizer = weakref.finalize(
-                self, teardown, self._scaler, self.provider, self._cluster
-            )
-            self.provider.start(self._cluster.scheduler_address)
+            self._finalizer = weakref.finalize(self, teardown, self._scaler, made, self._cluster)
+            made.start(self._cluster.scheduler_address)
+            if made.hosts_scheduler:
+                _connect_to_hosted_scheduler(self._cluster, made, checked.start_timeout)
             self._scaler.start()
             if self.spec.nodes or self.spec.spot_nodes:
-                wait_for_first_slot(self._cluster, self.provider, self.spec, checked.start_timeout)
+                wait_for_first_slot(self._cluster, made, self.spec, checked.start_timeout)
         except BaseException:
             self._closed.set()
-            teardown(self._scaler, self.provider, self._cluster)
+            teardown(self._scaler, made, self._cluster)
             raise
 
     @classmethod
@@ -303,8 +307,9 @@ class Pool:
 
     @property
     def scheduler_address(self) -> str:
-        """The Dask scheduler's address, so that ``distributed.Client(pool)`` works."""
-        return self._cluster.scheduler_address
+        """The Dask scheduler's address, so that ``distributed.Client(pool)`` works (for a
+        scheduler on a node: its public endpoint)."""
+        return str(self._cluster.scheduler_address)
 
     @property
     def status(self) -> Any:
@@ -635,6 +640,20 @@ class Pool:
             f"<cloudmap.Pool {self.provider.name}: {kinds} nodes ({states or 'none'}),"
             f"{scaling} {slots} slots connected, scheduler {self.scheduler_address}>"
         )
+
+
+def _connect_to_hosted_scheduler(cluster: DaskCluster, provider: Provider, timeout: float) -> None:
+    """Connect to the scheduler the provider started on a node, or say why not."""
+    try:
+        cluster.connect(provider.scheduler_endpoint(), min(timeout, SCHEDULER_CONNECT_TIMEOUT))
+    except SchedulerUnreachableError as exc:
+        raise PoolStartError(
+            f"{exc}. {provider.connection_advice()} The pool was removed.", []
+        ) from exc
+
+
+#: Seconds a new pool tries to connect to a scheduler that its provider started on a node.
+SCHEDULER_CONNECT_TIMEOUT = 30.0
 
 
 class _Parts(NamedTuple):

@@ -1,8 +1,10 @@
 """cloudmap's part of the Dask scheduler: slot statuses, drains, rebalancing, and what began where.
 
-Everything here runs on the scheduler's event loop (in the client's process): the
-:class:`PoolPlugin` that the cluster glue attaches, and the functions it sends with
-``run_on_scheduler``. With the slot runner (:mod:`cloudmap.node.runner`) and the cluster glue
+Everything here runs on the scheduler's event loop, in the client's process or on the pool
+node that hosts the scheduler: the :class:`PoolPlugin` that the cluster glue registers
+(``Client.register_plugin``, so the same way for both), and the functions it sends with
+``run_on_scheduler``. The client never touches the plugin's state directly. With the
+slot runner (:mod:`cloudmap.node.runner`) and the cluster glue
 (:mod:`cloudmap.cluster`), this is the only code that touches Dask's internals; the ones it
 relies on are listed in :data:`cloudmap.dask_config.PRIVATE_DASK_API`.
 """
@@ -21,7 +23,7 @@ from .payload import STARTED_TOPIC
 
 
 class PoolPlugin(SchedulerPlugin):
-    """cloudmap's part of the scheduler, on its event loop in the client's process.
+    """cloudmap's part of the scheduler, on its event loop.
 
     As each slot joins: apply BATCH_INTERVAL to its stream, drain it at once if its node is
     draining (a slot restarted on a node under preemption notice), and forget that its
@@ -33,21 +35,18 @@ class PoolPlugin(SchedulerPlugin):
     name = "cloudmap-pool"
 
     def __init__(self) -> None:
-        # Both are changed from the client's threads too; single set operations are atomic.
+        # All of it is only touched on the scheduler's event loop.
         self.draining: set[str] = set()  # node ids
         self.evicted: set[str] = set()  # addresses of slots killed with their node
-        # Only touched on the scheduler's event loop:
         # slot address -> the status cloudmap told it and it has not yet confirmed;
         self.told: dict[str, Status] = {}
         # task key -> (slot address, run id) of its current assignment, once that began.
         self.began: dict[str, tuple[str, int]] = {}
         self._scheduler: Scheduler | None = None
 
-    def attach(self, scheduler: Scheduler | None) -> None:
-        if scheduler is None or not hasattr(scheduler, "add_plugin"):
-            return
+    async def start(self, scheduler: Scheduler) -> None:
+        """Called by the scheduler as the plugin is registered, before it is added."""
         self._scheduler = scheduler
-        scheduler.add_plugin(self)
         self.screen_status_reports(scheduler)
 
     def has_begun(self, ts: Any, ws: Any) -> bool:
@@ -123,8 +122,22 @@ class PoolPlugin(SchedulerPlugin):
         scheduler.stream_handlers["worker-status-change"] = screened
 
 
-def node_workers(node_id: str, dask_scheduler: Scheduler) -> list[str]:
-    return [ws.address for ws in dask_scheduler.workers.values() if node_of(ws.name) == node_id]
+def evict_node(node_id: str, dask_scheduler: Scheduler) -> None:
+    """A node is about to be killed by its provider: its slots' tasks are lost with it."""
+    plugin = _plugin_of(dask_scheduler)
+    plugin.draining.discard(node_id)
+    plugin.evicted.update(
+        ws.address for ws in dask_scheduler.workers.values() if node_of(ws.name) == node_id
+    )
+
+
+def evict_slot(address: str, dask_scheduler: Scheduler) -> None:
+    """A slot died with its node (the provider said so afterwards)."""
+    _plugin_of(dask_scheduler).evicted.add(address)
+
+
+def is_evicted(address: str, dask_scheduler: Scheduler) -> bool:
+    return address in _plugin_of(dask_scheduler).evicted
 
 
 def drain_node(node_id: str, dask_scheduler: Scheduler) -> None:
@@ -134,6 +147,7 @@ def drain_node(node_id: str, dask_scheduler: Scheduler) -> None:
     which keeps the scheduler from choosing them and the workers from starting queued tasks.
     """
     plugin = _plugin_of(dask_scheduler)
+    plugin.draining.add(node_id)
     for ws in list(dask_scheduler.workers.values()):
         if node_of(ws.name) != node_id:
             continue
@@ -171,6 +185,7 @@ def nodes_quiet(node_ids: list[str], dask_scheduler: Scheduler) -> bool:
 
 
 def undrain_node(node_id: str, dask_scheduler: Scheduler) -> None:
+    _plugin_of(dask_scheduler).draining.discard(node_id)
     for ws in list(dask_scheduler.workers.values()):
         if node_of(ws.name) == node_id and ws.status == Status.closing_gracefully:
             _set_slot_status(dask_scheduler, ws, Status.running)

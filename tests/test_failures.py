@@ -19,6 +19,12 @@ def test_losses_with_a_node_or_behind_another_task_are_free(items: int) -> None:
     assert verdict(queued, items) is Verdict.REQUEUE_LOST
 
 
+@pytest.mark.parametrize("items", [1, 7])
+def test_tasks_dropped_with_the_clients_connection_are_sent_again_uncounted(items: int) -> None:
+    dropped = TaskLoss(LossCause.DISCONNECTED, None, RuntimeError("connection lost"))
+    assert verdict(dropped, items) is Verdict.RESEND
+
+
 def test_a_slot_that_died_is_charged_to_its_only_item_and_halves_a_batch() -> None:
     died = TaskLoss(LossCause.DIED, "node-1/slot-0", LOST)
     assert verdict(died, 1) is Verdict.CHARGE

@@ -128,12 +128,14 @@ def test_import_cloudmap_stays_light() -> None:
 
 
 #: The cluster layer: the only modules that may import ``distributed`` (the scheduler glue,
-#: cloudmap's scheduler plugin, the slot runner, and the slot process that is a Dask worker).
+#: cloudmap's scheduler plugin, the slot runner, the slot process that is a Dask worker, and
+#: the process that is the scheduler on a pool node).
 DASK_LAYER = {
     "cloudmap.cluster",
     "cloudmap.scheduler_plugin",
     "cloudmap.node.runner",
     "cloudmap.node.slot",
+    "cloudmap.node.scheduler",
 }
 
 

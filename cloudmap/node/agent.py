@@ -21,7 +21,7 @@ from typing import Any
 from ..nodes import slot_name
 from . import provision
 from .layout import CONFIG_FILE, JOINED_MARKER, NodeLayout
-from .slot import TLS_DIR_VARIABLE
+from .slot import TLS_DIR_VARIABLE, write_certificates
 
 #: A slot that fails this many times to join within RESTART_WINDOW seconds makes the node
 #: unusable. Slots that die after joining (a task crashed or overran) are always restarted.
@@ -76,20 +76,11 @@ class NodeAgent:
             **self.layout.environment(self.config.pool_id, self.config.node_id),
         }
         if self.config.tls:
-            self.env[TLS_DIR_VARIABLE] = str(self._write_tls(self.config.tls))
+            directory = write_certificates(self.layout.root, self.config.tls)
+            self.env[TLS_DIR_VARIABLE] = str(directory)
         self._stop = threading.Event()
         self._slots: dict[int, subprocess.Popen[bytes]] = {}
         self._restarts: dict[int, list[float]] = {}
-
-    def _write_tls(self, tls: dict[str, str]) -> Path:
-        """The slots' certificate files, readable by the node's user only."""
-        directory = self.layout.root / "tls"
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for name in ("ca", "cert", "key"):
-            path = directory / f"{name}.pem"
-            path.touch(mode=0o600)
-            path.write_text(tls[name])
-        return directory
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())

@@ -23,8 +23,12 @@ from typing import Any
 from . import compat, start_task
 from .agent import NodeConfig
 from .layout import CONFIG_FILE, NodeLayout
+from .scheduler import READY_FILE
+from .slot import TLS_DIR_VARIABLE, write_certificates
 
 CONFIG_VARIABLE = "CLOUDMAP_NODE_CONFIG"
+#: The node configuration's role of the node that hosts the pool's scheduler.
+SCHEDULER_ROLE = "scheduler"
 #: Exit code when the agent itself failed (not the user's start task).
 AGENT_FAILED = 91
 #: Seconds the slots have to join the scheduler once started (Dask's own connection
@@ -44,6 +48,8 @@ def main() -> int:
         return AGENT_FAILED
     root = Path(os.environ["AZ_BATCH_NODE_ROOT_DIR"]) / "cloudmap"
     root.mkdir(parents=True, exist_ok=True)
+    if settings.get("role") == SCHEDULER_ROLE:
+        return _start_scheduler(root, int(settings["scheduler_port"]), settings["tls"])
     layout = NodeLayout(root)
     pickled = settings.pop("start_task_pickle", None)
     if pickled:  # a Python callable: the agent runs it as the start task
@@ -81,6 +87,34 @@ def main() -> int:
             own.write(problem)
     code = state.get("start_task_exit_code")
     return int(code) if isinstance(code, int) and code > 0 else AGENT_FAILED
+
+
+def _start_scheduler(root: Path, port: int, tls: dict[str, str]) -> int:
+    """This node hosts the pool's scheduler (cloudmap.node.scheduler), not slots: start it
+    in the background and end the start task once it listens, or with why it does not."""
+    env = {**os.environ, TLS_DIR_VARIABLE: str(write_certificates(root, tls))}
+    ready = root / READY_FILE
+    ready.unlink(missing_ok=True)
+    with (root / "scheduler.log").open("ab") as log:
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "cloudmap.node.scheduler", str(port), str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while not ready.exists():
+        if scheduler.poll() is not None or time.monotonic() > deadline:
+            if scheduler.poll() is None:
+                scheduler.kill()
+            tail = (root / "scheduler.log").read_text(errors="replace")[-4000:]
+            print(f"[cloudmap] the pool's scheduler did not start:\n{tail}", file=sys.stderr)
+            return AGENT_FAILED
+        time.sleep(0.05)
+    address = json.loads(ready.read_text())["address"]
+    print(f"[cloudmap] the pool's scheduler listens at {address} (pid {scheduler.pid})")
+    return 0
 
 
 def _wait_for_slots(

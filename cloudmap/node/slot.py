@@ -32,8 +32,21 @@ def node_host() -> str | None:
     return os.environ.get(NODE_HOST_VARIABLE) or None
 
 
-def security() -> Security | None:
-    """The slot's ``distributed.Security``: the pool's certificates, or None without TLS."""
+def write_certificates(root: Path, tls: dict[str, str]) -> Path:
+    """Write the pool's certificate files (PEM texts ``ca``, ``cert``, ``key``) under
+    ``root``, readable by the node's user only; return their directory."""
+    directory = root / "tls"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in ("ca", "cert", "key"):
+        path = directory / f"{name}.pem"
+        path.touch(mode=0o600)
+        path.write_text(tls[name])
+    return directory
+
+
+def security(role: str = "worker") -> Security | None:
+    """The ``distributed.Security`` of a node process in ``role`` (worker, scheduler): the
+    pool's certificates (TLS_DIR_VARIABLE), or None without TLS."""
     directory = os.environ.get(TLS_DIR_VARIABLE)
     if not directory:
         return None
@@ -41,9 +54,11 @@ def security() -> Security | None:
 
     return Security(
         tls_ca_file=os.path.join(directory, "ca.pem"),
-        tls_worker_cert=os.path.join(directory, "cert.pem"),
-        tls_worker_key=os.path.join(directory, "key.pem"),
         require_encryption=True,
+        **{
+            f"tls_{role}_cert": os.path.join(directory, "cert.pem"),
+            f"tls_{role}_key": os.path.join(directory, "key.pem"),
+        },
     )
 
 

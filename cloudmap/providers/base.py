@@ -56,6 +56,10 @@ class NodeEvents:
         """The node is about to be killed: whatever it still runs is lost through no
         fault of the tasks. Called before the kill, never after."""
 
+    def scheduler_lost(self, reason: str) -> None:
+        """The node that hosts the pool's scheduler is gone (providers that host it):
+        nothing can run any more, and whatever waits must fail now, with ``reason``."""
+
 
 class Provider(abc.ABC):
     """Makes, lists, resizes and removes a pool's nodes.
@@ -92,10 +96,26 @@ class Provider(abc.ABC):
         #: What slots need to join a TLS scheduler (set by the pool before ``start``);
         #: secret, so providers must deliver it to nodes without logging it.
         self.tls: dict[str, str] = {}
+        #: Whether the pool's scheduler runs on a node of this provider's, not in the
+        #: client (Azure's ``scheduler="node"``, decision 0008). Then ``start`` is given no
+        #: address, starts the scheduler too, and :meth:`scheduler_endpoint` says where
+        #: the client connects; such a pool always uses TLS.
+        self.hosts_scheduler = False
+        #: Seconds the client may be cut off from a scheduler it hosts before the pool fails.
+        self.reconnect_timeout = 0.0
 
     @abc.abstractmethod
-    def start(self, scheduler_address: str) -> None:
-        """Begin making the pool's initial nodes; return without waiting for them."""
+    def start(self, scheduler_address: str | None) -> None:
+        """Begin making the pool's initial nodes; return without waiting for them (when
+        :attr:`hosts_scheduler`, once the scheduler is up and the address is None)."""
+
+    def scheduler_endpoint(self) -> str:
+        """Where the client connects to the scheduler this provider hosts."""
+        raise NotImplementedError(f"the {self.name!r} provider does not host a scheduler")
+
+    def connection_advice(self) -> str:
+        """What to check when the client cannot reach the scheduler this provider hosts."""
+        return ""
 
     @abc.abstractmethod
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:

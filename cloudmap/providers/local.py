@@ -132,7 +132,7 @@ class LocalProvider(Provider):
         path.write_bytes(pickled)
         return start_task.command(str(path))
 
-    def start(self, scheduler_address: str) -> None:
+    def start(self, scheduler_address: str | None) -> None:
         self._scheduler = scheduler_address
         self.add_nodes(self.spec.nodes)
         self.add_nodes(self.spec.spot_nodes, dedicated=False)

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .endpoints import Connection
 from .server import API_VERSION, BatchServer
 from .state import AUTOSCALE_RESIZE_CONFLICT, CORES_PER_VM_SIZE, NODE_HOST_VARIABLE, Account
 
@@ -87,6 +88,20 @@ class BatchEmulator:
         """Make the pool's allocations stall for ``seconds``: a resize adds no node until then
         and ends with ``AllocationTimedout`` once its ``resizeTimeout`` has passed."""
         self._account.fail_allocations(pool_id, seconds)
+
+    def cut_frontend(self, pool_id: str, seconds: float) -> None:
+        """The client's network drops (a laptop sleeps): every connection through the
+        pool's public frontend is closed, and new ones are refused for ``seconds``."""
+        self._account.cut_frontend(pool_id, seconds)
+
+    def connections(self, pool_id: str) -> list[Connection]:
+        """Every connection the pool's public frontend saw, in order (refused ones too)."""
+        return self._account.connections(pool_id)
+
+    def public_address(self, pool_id: str) -> str:
+        """The pool's public address, where its inbound NAT endpoints listen."""
+        with self._account.lock:
+            return self._account.pool(pool_id).public_address
 
     def node_processes(self, pool_id: str) -> dict[str, list[int]]:
         """Live pids per node of the pool (the start task and what it left running)."""
@@ -166,6 +181,9 @@ def cloudmap_uses(batch: BatchEmulator) -> Iterator[None]:
                 "cloudmap.azure.account_url": batch.url,
                 "cloudmap.azure.python": sys.executable,  # cloudmap is importable there
                 "cloudmap.azure.vm_size": "Standard_D2s_v5",
+                # The emulated nodes are on this machine, the client's network, as with
+                # subnet_id: the scheduler runs in the client unless a test says otherwise.
+                "cloudmap.azure.scheduler": "client",
             }
         ):
             yield

@@ -1,10 +1,11 @@
 """The emulated account's network: every node on a loopback address of its own.
 
 Linux routes all of 127.0.0.0/8 to the loopback interface, so a process can listen on
-127.a.b.c without any set-up. Each emulator takes a random /24 of its own (127.a.b.0):
-``.1`` is the public frontend of its pools (inbound NAT endpoints), and nodes get ``.2``,
-``.3``, ... in allocation order. Two test sessions on one machine thus use different
-addresses and never listen on the same ones. Nothing outside 127.0.0.0/8 is touched.
+127.a.b.c without any set-up. Each emulator takes a random /24 of its own (127.a.b.0) and
+hands out ``.2``, ``.3``, ... in order: to each node (its private address) and to each
+pool (its public address, where its inbound NAT endpoints listen). Two test sessions on
+one machine thus use different addresses and never listen on the same ones. Nothing
+outside 127.0.0.0/8 is touched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LoopbackNetwork:
-    """Addresses within ``127.<a>.<b>.0/24``; nodes beyond 253 wrap into the next /24."""
+    """Addresses within ``127.<a>.<b>.0/24``; beyond 253 they go on in the next /24."""
 
     a: int
     b: int
@@ -29,12 +30,7 @@ class LoopbackNetwork:
         # 127.0.x.x holds 127.0.0.1, where the emulator's HTTP server and the client live.
         return cls(a=1 + secrets.randbelow(254), b=secrets.randbelow(250))
 
-    @property
-    def frontend(self) -> str:
-        """The pools' public address: what Batch reports as an endpoint's public IP."""
-        return f"127.{self.a}.{self.b}.1"
-
-    def next_node_address(self) -> str:
+    def next_address(self) -> str:
         with self._lock:
             index = next(self._next)
         block, host = divmod(index - 2, 253)

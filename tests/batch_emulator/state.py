@@ -38,6 +38,7 @@ from typing import Any
 
 import isodate
 
+from .endpoints import Connection, EndpointError, Forwarder, NatPool, nat_pools
 from .network import LoopbackNetwork
 from .nodes import Attempt, NodeProcesses, StartTaskSpec
 
@@ -156,6 +157,9 @@ class Node:
         self.dedicated = dedicated
         #: The node's own address (its VM's private IP): a loopback address of its own.
         self.address = address
+        #: Which port of each NAT pool's frontend range is this node's (Batch: one each).
+        self.nat_offset = pool.free_nat_offset()
+        self.forwarders: list[Forwarder] = []
         self.id = f"tvmps_{secrets.token_hex(32)}_{'d' if dedicated else 'p'}"
         self.state = "creating"
         self.state_time = now
@@ -197,15 +201,50 @@ class Node:
             body["startTask"] = spec["startTask"]
         if self.start_task_info is not None:
             body["startTaskInfo"] = dict(self.start_task_info)
+        if self.pool.nat_pools:
+            body["endpointConfiguration"] = {"inboundEndpoints": self.endpoints()}
         return body
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Batch's ``inboundEndpoints``: where each NAT pool reaches this node from outside."""
+        return [
+            {
+                "name": f"{nat.name}.{self.nat_offset}",
+                "protocol": nat.protocol,
+                "publicIPAddress": self.pool.public_address,
+                "publicFQDN": f"{self.pool.id.lower()}.emulator.batch.local",
+                "frontendPort": nat.frontend_start + self.nat_offset,
+                "backendPort": nat.backend_port,
+            }
+            for nat in self.pool.nat_pools
+        ]
+
+    def open_endpoints(self) -> None:
+        """Start forwarding each endpoint's frontend port to this node (as it boots)."""
+        for nat in self.pool.nat_pools:
+            frontend = (self.pool.public_address, nat.frontend_start + self.nat_offset)
+            forwarder = Forwarder(frontend, (self.address, nat.backend_port), nat)
+            self.forwarders.append(forwarder)
+            self.pool.forwarders.append(forwarder)
+
+    def close_endpoints(self) -> None:
+        for forwarder in self.forwarders:
+            forwarder.close()
+        self.forwarders = []
 
 
 class Pool:
     """One pool: its spec as created, its targets, its resize in progress and its nodes."""
 
-    def __init__(self, body: dict[str, Any], now: float) -> None:
+    def __init__(
+        self, body: dict[str, Any], now: float, nats: tuple[NatPool, ...], public_address: str
+    ) -> None:
         self.id: str = body["id"]
         self.spec = body
+        self.nat_pools = nats
+        self.public_address = public_address
+        #: Every frontend the pool's nodes had, removed nodes' too: their connection logs.
+        self.forwarders: list[Forwarder] = []
         self.vm_size: str = body["vmSize"]
         self.created = now
         self.state = "active"
@@ -239,6 +278,14 @@ class Pool:
         if state != self.allocation_state:
             self.allocation_state, self.allocation_time = state, now
             self.touch(now)
+
+    def free_nat_offset(self) -> int:
+        """The lowest frontend port offset no node of the pool holds."""
+        held = {n.nat_offset for n in self.nodes.values()}
+        return next(i for i in range(len(held) + 1) if i not in held)
+
+    def connections(self) -> list[Connection]:
+        return sorted((c for f in self.forwarders for c in f.log), key=lambda c: c.time)
 
     def counted(self, dedicated: bool) -> list[Node]:
         """Nodes of one priority that count towards the target (all but those leaving)."""
@@ -398,7 +445,7 @@ class Account:
         }
         self.quotas.update(quotas or {})
         self.env = env
-        #: The account's addresses: each node's, and the pools' public frontends.
+        #: The account's addresses: each node's, and each pool's public one.
         self.network = LoopbackNetwork.random()
         self.lock = threading.RLock()
         self.pools: dict[str, Pool] = {}
@@ -426,6 +473,7 @@ class Account:
         for node in nodes:
             if node.processes is not None:
                 node.processes.kill_and_wait()
+            node.close_endpoints()
 
     def _run(self) -> None:
         while not self._stop.wait(self._tick):
@@ -478,6 +526,10 @@ class Account:
         if start_task is not None and not (start_task or {}).get("commandLine"):
             raise missing("startTask.commandLine")
         timeout = _duration(body, "resizeTimeout", DEFAULT_RESIZE_TIMEOUT)
+        try:
+            nats = nat_pools(body)
+        except EndpointError as exc:
+            raise invalid(exc.name, exc.value, exc.reason) from None
         autoscale = bool(body.get("enableAutoScale"))
         if autoscale:
             for name in ("targetDedicatedNodes", "targetLowPriorityNodes"):
@@ -499,7 +551,7 @@ class Account:
                 raise BatchError(
                     409, "PoolQuotaReached", "The account has reached its quota of pools."
                 )
-            pool = Pool(body, now)
+            pool = Pool(body, now, nats, self.network.next_address())
             self.pools[pool_id] = pool
             if autoscale:
                 pool.interval_iso = interval
@@ -712,6 +764,7 @@ class Account:
             and now >= node.next_at
             and (node.processes is None or node.processes.gone())
         ):
+            node.close_endpoints()
             del node.pool.nodes[node.id]
             node.pool.touch(now)
 
@@ -766,7 +819,7 @@ class Account:
                 pool.blocked[dedicated] = True
                 pool.resize_errors.append(_quota_error(dedicated, pool.vm_size, quota, used))
         for _ in range(count):
-            node = Node(pool, dedicated, now, self.delay, self.network.next_node_address())
+            node = Node(pool, dedicated, now, self.delay, self.network.next_address())
             pool.nodes[node.id] = node
         if count:
             pool.touch(now)
@@ -806,6 +859,8 @@ class Account:
         pool = node.pool
         start_task = pool.spec.get("startTask")
         node.processes = NodeProcesses(self.root / pool.id / node.id)
+        if not node.forwarders:
+            node.open_endpoints()
         if not start_task:
             node.set_state("idle", now)
             return
@@ -952,6 +1007,16 @@ class Account:
     def fail_allocations(self, pool_id: str, seconds: float = math.inf) -> None:
         with self.lock:
             self.stalls[pool_id] = time.time() + seconds
+
+    def cut_frontend(self, pool_id: str, seconds: float) -> None:
+        with self.lock:
+            forwarders = [f for n in self.pool(pool_id).nodes.values() for f in n.forwarders]
+        for forwarder in forwarders:
+            forwarder.cut(seconds)
+
+    def connections(self, pool_id: str) -> list[Connection]:
+        with self.lock:
+            return self.pool(pool_id).connections()
 
     def node_processes(self, pool_id: str) -> dict[str, list[int]]:
         with self.lock:

@@ -20,7 +20,7 @@ from ...autoscale import Autoscale
 from ...node import compat
 from ...node import start_task as start_task_pickle
 from ..base import PoolSpec
-from .settings import AzureSettings
+from .settings import FRONTEND_RANGE, AzureSettings
 from .shipping import ShippedEnvironment
 
 #: Environment settings of the start task.
@@ -30,6 +30,8 @@ INSTALL_VARIABLE = "CLOUDMAP_INSTALL"
 SHIP_WHEELS_VARIABLE = "CLOUDMAP_SHIP_WHEELS"  # file names of the shipped wheels
 SHIP_REQUIREMENTS_VARIABLE = "CLOUDMAP_SHIP_REQUIREMENTS"  # the pinned requirements
 SECRET_VARIABLES = frozenset({CONFIG_VARIABLE})
+#: The name of the inbound NAT pool that exposes a node's scheduler.
+SCHEDULER_ENDPOINT = "cloudmap-scheduler"
 #: Pool metadata that marks a pool as made by cloudmap (``python -m cloudmap pools list``).
 TAG = "cloudmap"
 
@@ -85,6 +87,50 @@ def node_config(spec: PoolSpec, scheduler: str, tls: dict[str, str], pool_id: st
     return base64.b64encode(json.dumps(config).encode()).decode()
 
 
+def scheduler_node_config(tls: dict[str, str], port: int, pool_id: str) -> str:
+    """The configuration of the node that hosts the pool's scheduler (base64 JSON): it
+    starts ``cloudmap.node.scheduler`` on ``port`` instead of a node agent and slots."""
+    config = {
+        "role": "scheduler",
+        "pool_id": pool_id,
+        "scheduler_port": port,
+        "tls": dict(tls),
+        "client_versions": compat.versions(),
+    }
+    return base64.b64encode(json.dumps(config).encode()).decode()
+
+
+def scheduler_endpoint(settings: AzureSettings) -> dict[str, Any]:
+    """Batch's ``endpointConfiguration`` for a scheduler on a node: one inbound NAT pool
+    from the pool's public address to the scheduler's port, open only to ``allow_from``
+    (then everything else denied: without rules, Batch would allow every source)."""
+    assert settings.allow_from
+    rules = [
+        {
+            "priority": 150 + index,
+            "access": "allow",
+            "sourceAddressPrefix": source,
+            "sourcePortRanges": ["*"],
+        }
+        for index, source in enumerate(settings.allow_from)
+    ]
+    rules.append(
+        {"priority": 4096, "access": "deny", "sourceAddressPrefix": "*", "sourcePortRanges": ["*"]}
+    )
+    return {
+        "inboundNATPools": [
+            {
+                "name": SCHEDULER_ENDPOINT,
+                "protocol": "tcp",
+                "backendPort": settings.backend_port,
+                "frontendPortRangeStart": settings.frontend_port,
+                "frontendPortRangeEnd": settings.frontend_port + FRONTEND_RANGE - 1,
+                "networkSecurityGroupRules": rules,
+            }
+        ]
+    }
+
+
 def pool_body(
     spec: PoolSpec,
     settings: AzureSettings,
@@ -92,13 +138,16 @@ def pool_body(
     pool_id: str,
     config: str,
     shipped: ShippedEnvironment | None = None,
+    targets: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The body of Batch's "add pool" request (``BatchPoolCreateOptions``).
 
+    ``targets`` (dedicated, spot) replace the spec's (the scheduler's node, first).
     ``settings.mpi`` makes an MPI pool as Batch wants one: inter-node communication on and
     one Batch task slot per node (cloudmap's own slots, the Dask workers, are unchanged).
     """
     mpi = settings.mpi
+    on_node = settings.scheduler_on_node
     body: dict[str, Any] = {
         "id": pool_id,
         "displayName": f"cloudmap pool {pool_id}",
@@ -108,10 +157,11 @@ def pool_body(
             "nodeAgentSKUId": settings.node_agent_sku_id,
         },
         "taskSlotsPerNode": 1 if mpi else spec.slots_per_node,
-        "targetDedicatedNodes": spec.nodes,
-        "targetLowPriorityNodes": spec.spot_nodes,
+        "targetDedicatedNodes": spec.nodes if targets is None else targets[0],
+        "targetLowPriorityNodes": spec.spot_nodes if targets is None else targets[1],
         "resizeTimeout": iso_duration(settings.resize_timeout),
-        "enableInterNodeCommunication": mpi,
+        # The scheduler's node and the slots talk over the pool's network.
+        "enableInterNodeCommunication": mpi or on_node,
         "startTask": {
             "commandLine": start_task_command(),
             "environmentSettings": [
@@ -138,8 +188,13 @@ def pool_body(
             {"name": SHIP_WHEELS_VARIABLE, "value": " ".join(shipped.wheels)},
             {"name": SHIP_REQUIREMENTS_VARIABLE, "value": " ".join(shipped.requirements)},
         ]
+    network: dict[str, Any] = {}
     if settings.subnet_id:
-        body["networkConfiguration"] = {"subnetId": settings.subnet_id}
+        network["subnetId"] = settings.subnet_id
+    if on_node:
+        network["endpointConfiguration"] = scheduler_endpoint(settings)
+    if network:
+        body["networkConfiguration"] = network
     return body
 
 

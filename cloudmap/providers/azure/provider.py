@@ -30,7 +30,8 @@ from ...pricing import NodePrices
 from ..base import PoolSpec, Provider
 from . import bodies
 from .auth import default_credential
-from .settings import AzureSettings
+from .scheduler_node import SchedulerNode, wait_for_scheduler_node
+from .settings import FRONTEND_RANGE, AzureSettings
 from .shipping import ShippedEnvironment, check_staging_url, ship
 from .states import provider_state
 
@@ -117,6 +118,11 @@ class AzureBatchProvider(Provider):
         self._removed: set[str] = set()  # node ids (Batch never reuses one)
         #: The client's environment as shipped to the nodes (``staging_url=``), once started.
         self.shipped: ShippedEnvironment | None = None
+        self.hosts_scheduler = self.settings.scheduler_on_node
+        self.reconnect_timeout = float(self.settings.reconnect_timeout)
+        #: The node that hosts the scheduler (with scheduler="node"), once it does.
+        self.scheduler_node: SchedulerNode | None = None
+        self._scheduler_lost = False
         if self.settings.staging_url and not self.settings.install:
             check_staging_url(self.settings.staging_url, dict(spec.storage_options))
 
@@ -145,32 +151,60 @@ class AzureBatchProvider(Provider):
         settings = AzureSettings.resolve(**options)
         pool_id = settings.pool_id or "cloudmap-<12 random hex digits>"
         shipped = _planned_shipment(spec, settings)
-        body = bodies.pool_body(
-            spec,
-            settings,
-            pool_id=pool_id,
-            config=bodies.node_config(_node_spec(spec, shipped), "<scheduler>", {}, pool_id),
-            shipped=shipped,
-        )
+        node_spec = _node_spec(spec, shipped)
+        if not settings.scheduler_on_node:
+            config = bodies.node_config(node_spec, "<scheduler>", {}, pool_id)
+            body = bodies.pool_body(spec, settings, pool_id=pool_id, config=config, shipped=shipped)
+            requests = [_request("create_pool", "POST", "/pools", body)]
+        else:
+            config = bodies.scheduler_node_config({}, settings.backend_port, pool_id)
+            first = bodies.pool_body(
+                spec, settings, pool_id=pool_id, config=config, shipped=shipped, targets=(1, 0)
+            )
+            address = f"tls://<the scheduler node's private IP>:{settings.backend_port}"
+            config = bodies.node_config(node_spec, address, {}, pool_id)
+            slots = bodies.pool_body(
+                spec, settings, pool_id=pool_id, config=config, shipped=shipped
+            )
+            requests = [
+                _request("create_pool", "POST", "/pools", first),
+                _request(
+                    "replace_pool_properties",
+                    "POST",
+                    f"/pools/{pool_id}/updateproperties",
+                    {k: slots[k] for k in ("startTask", "metadata")},
+                ),
+                _request(
+                    "resize_pool",
+                    "POST",
+                    f"/pools/{pool_id}/resize",
+                    bodies.resize_body(spec.nodes + 1, spec.spot_nodes, settings),
+                ),
+            ]
+        notes = [
+            "cloudmap creates no Batch jobs or tasks: work runs on the pool's Dask "
+            "workers, which the start task starts",
+            f"resizes: POST /pools/{pool_id}/resize; removals: POST "
+            f"/pools/{pool_id}/removenodes; on close: DELETE /pools/{pool_id}"
+            + (" (keep_pool: not sent)" if settings.keep_pool else ""),
+        ]
+        if settings.scheduler_on_node:
+            notes.append(
+                "scheduler on a node: the pool starts with one dedicated node, which runs the "
+                "Dask scheduler on port "
+                f"{settings.backend_port}, exposed on the pool's public address (ports "
+                f"{settings.frontend_port}-{settings.frontend_port + FRONTEND_RANGE - 1}, "
+                "one per node) to "
+                f"{', '.join(settings.allow_from or ())} only, over TLS; once it listens, the "
+                "start task becomes the slots' one and the pool grows to its targets "
+                "(that node is in Batch's dedicated target, not in the pool's nodes)"
+            )
         return {
             "provider": cls.name,
             "account_url": settings.account_url,
             "api_version": API_VERSION,
-            "requests": [
-                {
-                    "operation": "create_pool",
-                    "method": "POST",
-                    "path": "/pools",
-                    "body": bodies.redacted(body),
-                }
-            ],
-            "notes": [
-                "cloudmap creates no Batch jobs or tasks: work runs on the pool's Dask "
-                "workers, which the start task starts",
-                f"resizes: POST /pools/{pool_id}/resize; removals: POST "
-                f"/pools/{pool_id}/removenodes; on close: DELETE /pools/{pool_id}"
-                + (" (keep_pool: not sent)" if settings.keep_pool else ""),
-            ],
+            "requests": requests,
+            "notes": notes,
         }
 
     def planned(self) -> dict[str, Any]:
@@ -198,14 +232,62 @@ class AzureBatchProvider(Provider):
             dict(self.spec.storage_options),
         )
 
-    def start(self, scheduler_address: str) -> None:
+    def start(self, scheduler_address: str | None) -> None:
+        self._ship()
+        if not self.hosts_scheduler:
+            assert scheduler_address is not None
+            self._create_or_attach(self.body(scheduler_address), self._targets())
+            return
+        # The scheduler's node first, alone; then the slots' start task, and the targets
+        # (cloudmap.providers.azure.scheduler_node).
+        config = bodies.scheduler_node_config(self.tls, self.settings.backend_port, self.pool_id)
+        body = bodies.pool_body(
+            self.spec,
+            self.settings,
+            pool_id=self.pool_id,
+            config=config,
+            shipped=self.shipped,
+            targets=(1, 0),
+        )
+        self._create_or_attach(body, (0, 0))
+        self.scheduler_node = wait_for_scheduler_node(
+            self._client,
+            self.pool_id,
+            self.settings.backend_port,
+            self._start_output,
+            self.start_timeout,
+        )
+        self._replace_start_task(self.body(self.scheduler_node.internal))
+        self._resize(self._targets())
+
+    def scheduler_endpoint(self) -> str:
+        """The scheduler's public address and port (Batch's inbound endpoint of its node)."""
+        if self.scheduler_node is None:
+            raise RuntimeError("the pool's scheduler has not started")
+        return self.scheduler_node.public
+
+    def connection_advice(self) -> str:
+        allowed = ", ".join(self.settings.allow_from or ())
+        return (
+            f"Batch lets only allow_from=[{allowed}] reach it: is this machine's public "
+            "address among them (`curl https://api.ipify.org`)? A firewall here must also "
+            "let connections out to that port."
+        )
+
+    def _targets(self) -> tuple[int, int]:
+        return (self.spec.nodes, self.spec.spot_nodes)
+
+    def _start_output(self, node_id: str) -> str:
+        out = self._download(node_id, "startup/stdout.txt", missing_ok=True)
+        err = self._download(node_id, "startup/stderr.txt", missing_ok=True)
+        return (_text(out) + _text(err)).strip()[-4000:]
+
+    def _create_or_attach(self, body: dict[str, Any], targets: tuple[int, int]) -> None:
         from azure.batch import models
 
-        self._ship()
-        body = self.body(scheduler_address)
         existing = self._existing_pool() if self.settings.pool_id else None
         if existing is not None:
-            self._attach(body, existing)
+            self._attach(body, existing, targets)
             return
         try:
             self._client.create_pool(models.BatchPoolCreateOptions(body))
@@ -214,6 +296,21 @@ class AzureBatchProvider(Provider):
                 f"Batch refused to create pool {self.pool_id!r}: {describe_error(exc)}", []
             ) from exc
         self._created = True
+
+    def _replace_start_task(self, body: dict[str, Any]) -> None:
+        """Give the pool another start task: Batch runs it on the nodes that join from now."""
+        from azure.batch import models
+
+        self._client.replace_pool_properties(
+            self.pool_id,
+            models.BatchPoolReplaceOptions(
+                {
+                    "startTask": body["startTask"],
+                    "applicationPackageReferences": [],
+                    "metadata": body["metadata"],
+                }
+            ),
+        )
 
     def _existing_pool(self) -> Any:
         """The pool named ``pool_id`` as Batch has it, or None when there is none."""
@@ -224,7 +321,7 @@ class AzureBatchProvider(Provider):
                 return None
             raise
 
-    def _attach(self, body: dict[str, Any], pool: Any) -> None:
+    def _attach(self, body: dict[str, Any], pool: Any, targets: tuple[int, int]) -> None:
         """Take over a pool cloudmap made earlier (kept with ``keep_pool``): give it this
         client's start task (scheduler address, certificates), then replace its nodes,
         whose agents still serve the old client, with fresh ones at this pool's targets.
@@ -237,16 +334,7 @@ class AzureBatchProvider(Provider):
                 f"pool {self.pool_id!r} exists but was not made by cloudmap (no "
                 f"{bodies.TAG!r} metadata); pass another pool_id, or none to create one"
             )
-        self._client.replace_pool_properties(
-            self.pool_id,
-            models.BatchPoolReplaceOptions(
-                {
-                    "startTask": body["startTask"],
-                    "applicationPackageReferences": [],
-                    "metadata": body["metadata"],
-                }
-            ),
-        )
+        self._replace_start_task(body)
         self._created = True
         self.settings = dataclasses.replace(self.settings, keep_pool=True)
         old = [node.id for node in self._client.list_nodes(self.pool_id)]
@@ -256,7 +344,7 @@ class AzureBatchProvider(Provider):
                 models.BatchNodeRemoveOptions(bodies.remove_body(old)),
                 polling_interval=0.5,
             ).result(timeout=self.settings.resize_timeout)
-        self._resize((self.spec.nodes, self.spec.spot_nodes))
+        self._resize(targets)
 
     def close(self) -> None:
         with self._lock:
@@ -303,7 +391,10 @@ class AzureBatchProvider(Provider):
         scaling loop asks again a second later.
         """
         pool = self._client.get_pool(self.pool_id)
-        current = (pool.target_dedicated_nodes or 0, pool.target_low_priority_nodes or 0)
+        current = (
+            (pool.target_dedicated_nodes or 0) - self._scheduler_nodes(),
+            pool.target_low_priority_nodes or 0,
+        )
         wanted = (
             (max(current[0], target), current[1])
             if dedicated
@@ -337,10 +428,16 @@ class AzureBatchProvider(Provider):
                     raise
         self._listed = (0.0, [])
 
+    def _scheduler_nodes(self) -> int:
+        """Nodes Batch's dedicated target holds beyond the pool's: the scheduler's."""
+        return 1 if self.hosts_scheduler else 0
+
     def _resize(self, targets: tuple[int, int]) -> None:
+        """Set Batch's targets to the pool's ``targets`` (dedicated, spot)."""
         from azure.batch import models
 
-        body = bodies.resize_body(*targets, self.settings)
+        dedicated, spot = targets
+        body = bodies.resize_body(dedicated + self._scheduler_nodes(), spot, self.settings)
         try:
             self._client.begin_resize_pool(self.pool_id, models.BatchPoolResizeOptions(body))
         except Exception as exc:
@@ -362,13 +459,26 @@ class AzureBatchProvider(Provider):
         # Nodes on their way out are gone for the pool, as the local provider's are at
         # once: those cloudmap removed (Batch lists them a while longer) and any Batch shows
         # leaving the pool. Counting them would make the pool remove or replace them again.
+        listed = list(self._client.list_nodes(self.pool_id))
+        self._check_scheduler(listed)
+        hidden = self._removed | ({self.scheduler_node.node_id} if self.scheduler_node else set())
         nodes = [
             self._node(n)
-            for n in self._client.list_nodes(self.pool_id)
-            if n.id not in self._removed and provider_state(n.state) != "leaving"
+            for n in listed
+            if n.id not in hidden and provider_state(n.state) != "leaving"
         ]
         self._listed = (now, nodes)
         return nodes
+
+    def _check_scheduler(self, listed: list[Any]) -> None:
+        """A pool whose scheduler's node is gone fails at once, loudly (decision 0008)."""
+        if self.scheduler_node is None or self._scheduler_lost:
+            return
+        reason = self.scheduler_node.lost_reason(listed)
+        if reason is not None:
+            self._scheduler_lost = True
+            logger.error("cloudmap: %s; the pool cannot go on", reason)
+            self.events.scheduler_lost(reason)
 
     def _node(self, node: Any) -> ProviderNode:
         state = provider_state(node.state)
@@ -470,6 +580,11 @@ class AzureBatchProvider(Provider):
 
     def prices(self) -> NodePrices | None:
         return self._prices
+
+
+def _request(operation: str, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One request of a plan, its body safe to print."""
+    return {"operation": operation, "method": method, "path": path, "body": bodies.redacted(body)}
 
 
 def _make_client(settings: AzureSettings, credential: Any) -> Any:
