@@ -1,8 +1,11 @@
 """Multi-instance MPI runs on a pool: Batch's multi-instance tasks, in Python terms.
 
 A run takes k whole nodes from the pool (:mod:`cloudmap.gang`), runs the coordination step
-on each, then launches the ranks from the primary node with MPICH's ``mpiexec``
-(:mod:`cloudmap.node.mpi_launch`), and gives the nodes back whatever happens. Python mode
+on each, starts MPICH's ``mpiexec`` on the primary node (:mod:`cloudmap.node.mpi_launch`),
+hands each node the command line of its hydra proxy, which starts that node's ranks
+(:mod:`cloudmap.node.mpi_proxy`), and gives the nodes back whatever happens. Everything
+goes through the slots' ``Client.run``: the client connects to nothing new and the nodes
+need no ssh, only TCP between each other. Python mode
 calls ``fn(comm, *args, **kwargs)`` on every rank and returns the values in rank order;
 command mode runs any MPI program and returns its exit code and each rank's output.
 """
@@ -30,7 +33,10 @@ from .errors import (
     SerializationError,
 )
 from .gang import GangScheduler
-from .node.mpi_launch import MpiSpec, RunNode, coordinate, launch, stop_run
+from .loops import poll_until
+from .node.mpi_launch import coordinate, start_launcher, stop_run, watch_launcher
+from .node.mpi_proxy import end_proxy, start_proxy
+from .node.mpi_spec import MpiSpec, RunNode
 from .progress import ProgressCounts, make_reporter
 from .validation import check_int, check_positive
 
@@ -38,7 +44,9 @@ from .validation import check_int, check_positive
 _KILLED_STATUSES = frozenset({-9, -15, 9, 15, 137, 143})
 #: Seconds between checks that the nodes of a running MPI run are still there.
 LOST_NODE_CHECK = 0.5
-#: Seconds to wait for the primary node to confirm it stopped an abandoned run.
+#: Seconds to wait for the pool to see a node lost, after a run failed without a reason.
+LOST_GRACE = 3.0
+#: Seconds to wait for the nodes to confirm they stopped what was left of a run.
 KILL_WAIT = 10.0
 MPI_EXTRA_HINT = "pip install 'cloudmap[mpi]' (mpi4py and the mpich wheel) where the nodes run"
 
@@ -110,9 +118,8 @@ class MpiRunner:
                 timeout=options.timeout,
                 env={str(k): str(v) for k, v in (options.env or {}).items()},
             )
-            _check_one_host(spec)
-            prepared = self._coordinate(spec)
-            return _interpret(spec, self._launch(spec, prepared))
+            directories = self._coordinate(spec)
+            return _interpret(spec, self._launch(spec, directories))
         except Exception as exc:
             if self._is_closed():
                 raise PoolClosedError("the pool was closed while this MPI run was running") from exc
@@ -120,14 +127,12 @@ class MpiRunner:
         finally:
             self._gang.release(lease)
 
-    def _launch(
-        self, spec: MpiSpec, prepared: tuple[list[str], list[dict[str, str]]]
-    ) -> dict[str, Any]:
-        """Run the ranks from the primary node; stop at once if a node of the run is lost
-        (preempted, removed), instead of waiting for Dask to give up on it."""
-        primary = spec.nodes[0].worker
+    def _launch(self, spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+        """Start the run on its nodes and wait for it; stop at once if a node of the run is
+        lost (preempted, removed), instead of waiting for Dask to give up on it. However it
+        ends, every node still there is then told to kill what is left of the run."""
         threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cloudmap-mpi")
-        running = threads.submit(self._cluster.run_on, primary, launch, spec, *prepared)
+        running = threads.submit(self._start_and_wait, spec, directories)
         threads.shutdown(wait=False)
         ids = [node.id for node in spec.nodes]
         lost: list[str] = []
@@ -135,38 +140,95 @@ class MpiRunner:
             while True:
                 try:
                     outcome: dict[str, Any] = running.result(timeout=LOST_NODE_CHECK)
+                    lost = self._lost_under(outcome, ids)
+                    if lost:
+                        raise _lost_node_error(lost[0], ids)
                     return outcome
                 except concurrent.futures.TimeoutError:
                     lost = self._gang.lost(ids)
                     if lost:
                         raise _lost_node_error(lost[0], ids) from None
-                except Exception as exc:  # the primary's slot went away under the run
+                except Exception as exc:  # a slot of the run went away under it
                     lost = self._gang.lost(ids)
                     if lost:
                         raise _lost_node_error(lost[0], ids) from exc
                     raise
-        except BaseException:
-            if ids[0] not in lost:  # Ctrl-C, or another node lost: stop what still runs
-                stopper = threading.Thread(target=self._stop_quietly, args=(primary, spec.run_id))
-                stopper.start()
-                stopper.join(timeout=KILL_WAIT)
-            raise
+        finally:  # also on Ctrl-C
+            stopper = threading.Thread(target=self._stop, args=(spec, lost), daemon=True)
+            stopper.start()
+            stopper.join(timeout=KILL_WAIT)
 
-    def _stop_quietly(self, primary: str, run_id: str) -> None:
-        with contextlib.suppress(Exception):
-            self._cluster.run_on(primary, stop_run, run_id)
+    def _lost_under(self, outcome: dict[str, Any], ids: list[str]) -> list[str]:
+        """The nodes lost under a run that failed for no reason its ranks gave (no error, no
+        rank's own exit status): ``mpiexec`` ends as soon as a node's proxy drops its
+        connection, often before the pool has noticed that the node is gone, so that is
+        waited for a little."""
+        unexplained = (
+            outcome["exit_code"]
+            and not outcome["timed_out"]
+            and not outcome["errors"]
+            and _failed_rank(outcome["exits"]) is None
+        )
+        if not unexplained:
+            return []
+        return poll_until(lambda: self._gang.lost(ids), LOST_GRACE)
 
-    def _coordinate(self, spec: MpiSpec) -> tuple[list[str], list[dict[str, str]]]:
-        """Run the coordination step on every node; return each node's run directory and
-        the node's own variables for its ranks."""
-        workers = [node.worker for node in spec.nodes]
-        with concurrent.futures.ThreadPoolExecutor(len(workers)) as threads:
-            outcomes = list(
-                threads.map(
-                    lambda pair: self._cluster.run_on(pair[1], coordinate, spec, pair[0]),
-                    enumerate(workers),
-                )
+    def _start_and_wait(self, spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+        """``mpiexec`` on the primary prints one proxy command line per node; each node's
+        slot starts its own and confirms it connected; then the primary waits for the run."""
+        primary = spec.nodes[0]
+        started = self._cluster.run_on(primary.worker, start_launcher, spec, directories)
+        if "error" in started:
+            raise MpiError(
+                f"mpiexec could not start the run on the primary node {primary.id}; no rank "
+                f"was started\n{started['error']}",
+                node=primary.id,
             )
+        lines = started["lines"]
+        problems = self._on_every_node(
+            spec,
+            lambda index, node: self._cluster.run_on(
+                node.worker, start_proxy, spec, index, lines[index], directories[index]
+            ),
+        )
+        for node, problem in zip(spec.nodes, problems, strict=True):
+            if problem:
+                raise MpiError(
+                    f"node {node.id} could not start its MPI ranks; the run was stopped on "
+                    f"every node\n{problem}",
+                    node=node.id,
+                )
+        outcome: dict[str, Any] = self._cluster.run_on(
+            primary.worker, watch_launcher, spec, directories
+        )
+        return outcome
+
+    def _stop(self, spec: MpiSpec, lost: list[str]) -> None:
+        """SIGKILL ``mpiexec`` on the primary and every proxy and rank of the run on every
+        node not lost (a lost node's processes went with it). After a run that ended
+        well there is nothing left to kill, and each node says so at once."""
+
+        def stop(index: int, node: RunNode) -> None:
+            if node.id in lost:
+                return
+            with contextlib.suppress(Exception):
+                if index == 0:
+                    self._cluster.run_on(node.worker, stop_run, spec.run_id)
+                self._cluster.run_on(node.worker, end_proxy, spec.run_id)
+
+        self._on_every_node(spec, stop)
+
+    def _on_every_node(self, spec: MpiSpec, action: Callable[[int, RunNode], Any]) -> list[Any]:
+        """``action(index, node)`` for every node of the run at once; the results in node
+        order."""
+        with concurrent.futures.ThreadPoolExecutor(len(spec.nodes)) as threads:
+            return list(threads.map(action, range(len(spec.nodes)), spec.nodes))
+
+    def _coordinate(self, spec: MpiSpec) -> list[str]:
+        """Run the coordination step on every node; return each node's run directory."""
+        outcomes = self._on_every_node(
+            spec, lambda index, node: self._cluster.run_on(node.worker, coordinate, spec, index)
+        )
         for node, outcome in zip(spec.nodes, outcomes, strict=True):
             if outcome["missing"]:
                 raise MpiUnavailableError(
@@ -179,8 +241,7 @@ class MpiRunner:
                     f"{outcome['stderr'][-2000:]}",
                     node=node.id,
                 )
-        directories = [str(outcome["directory"]) for outcome in outcomes]
-        return directories, [dict(outcome["node_env"]) for outcome in outcomes]
+        return [str(outcome["directory"]) for outcome in outcomes]
 
     def command(self, command: str, options: RunOptions, *, check: bool) -> MpiResult:
         """``pool.mpi_command``: run a program on the ranks; a non-zero exit raises, unless
@@ -276,19 +337,6 @@ def _lost_node_error(node: str, nodes: list[str]) -> MpiError:
         "dead) while the ranks ran; every rank was stopped. Run it again.",
         node=node,
     )
-
-
-def _check_one_host(spec: MpiSpec) -> None:
-    """Refuse a run across machines rather than misplace it: the launcher is MPICH's fork
-    launcher, which starts every rank on the primary node's host."""
-    hosts = sorted({node.host for node in spec.nodes})
-    if len(hosts) > 1:
-        raise MpiUnavailableError(
-            f"this MPI run spans {len(hosts)} hosts ({', '.join(hosts)}); cloudmap starts "
-            "every rank with MPICH's fork launcher on the first node's host, so runs across "
-            "machines are not supported yet. Use nodes=1 with ranks_per_node up to the "
-            "node's cores."
-        )
 
 
 def _run_node(node: Any) -> RunNode:

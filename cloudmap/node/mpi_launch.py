@@ -1,13 +1,26 @@
-"""What the nodes of an MPI run do: prepare (coordination), launch, collect, clean up.
+"""The nodes' part of an MPI run before and around the ranks: prepare every node
+(coordination), start MPICH's ``mpiexec`` on the primary, watch it, collect, clean up.
 
 These coroutines run inside a slot process through ``Client.run``, on its event loop, so
-they only await: the slot keeps its heartbeats while a run lasts hours. The primary node's
-slot launches MPICH's ``mpiexec`` from the slot's own environment, one MPMD block per node
-(``-n ranks_per_node`` with that node's working directory and ``CLOUDMAP_*`` variables),
-with each rank's stdout and stderr in files on the primary, as Batch keeps a
-multi-instance task's output. Locally every node is on this machine, so hydra's ``fork``
-launcher starts all ranks without ssh; the ranks stay in the node's process group, so a
-node that is killed takes its ranks with it.
+they only await: the slot keeps its heartbeats while a run lasts hours.
+
+The primary node's slot starts ``mpiexec -launcher manual``: hydra then starts no process
+on any host itself, but prints one ``hydra_pmi_proxy`` command line per host and waits
+for the proxies to connect back. The client hands line ``N`` to node ``N``'s slot
+(:mod:`.mpi_proxy`), so every node's ranks are started by that node, with its own
+environment, with no ssh between nodes; then :func:`watch_launcher` waits for the run.
+
+hydra's hosts are named by node id, not address: hydra merges hosts of the same name into
+one proxy, and the local provider's nodes all have the address 127.0.0.1. With ids, a run
+takes one path wherever its nodes are: one proxy per node, ranks of one node talking
+through shared memory, and ranks of different nodes through the netmod (TCP), even when
+the nodes share a machine. hydra never contacts its hosts with the manual launcher, so
+the names are only labels; ``-localhost`` gives the address the proxies connect to.
+
+``mpiexec`` runs one MPMD block per node (``-n ranks_per_node`` in that node's run
+directory), and ``-genvnone`` keeps the primary's environment from overriding the nodes'
+own: each rank inherits its proxy's. Each rank's stdout and stderr end in files on the
+primary, as Batch keeps a multi-instance task's output.
 """
 
 from __future__ import annotations
@@ -18,59 +31,41 @@ import itertools
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .mpi_rank import ERROR_MARKER
+from .mpi_processes import ProcessTree, connected_to, kill
+from .mpi_proxy import PROXY_CONNECT_TIMEOUT, control_address
+from .mpi_rank import ERROR_MARKER, EXIT_MARKER
+from .mpi_spec import MpiSpec
 
-#: Seconds between looks at the ranks' exit files while a run goes on.
+#: Seconds between looks at the ranks' stderr files while a run goes on.
 WATCH_INTERVAL = 0.05
 #: Every how many of those the process tree of the run is listed again.
 TREE_LOOK_EVERY = 20
 #: Most bytes of each rank's stdout and stderr sent back to the client.
 OUTPUT_LIMIT = 1 << 20
+#: Seconds ``mpiexec`` has to end by itself once a rank failed, before it is killed.
+FAILURE_GRACE = 0.5
+#: Seconds ``mpiexec`` has to print its proxies' command lines.
+LAUNCH_LINES_TIMEOUT = 30.0
+#: Bytes at the end of a rank's stderr searched for its exit status while the run goes on.
+EXIT_TAIL = 64
 
-_running: dict[str, asyncio.subprocess.Process] = {}
+LAUNCH_PREFIX = "HYDRA_LAUNCH: "
+LAUNCH_END = "HYDRA_LAUNCH_END"
 
 
-@dataclass(frozen=True)
-class RunNode:
-    id: str
-    host: str
-    worker: str
+@dataclass
+class _Launcher:
+    process: asyncio.subprocess.Process
+    tree: ProcessTree
+    output: bytearray
+    guard: asyncio.Future[None] | None = None
 
 
-@dataclass(frozen=True)
-class MpiSpec:
-    """One MPI run, as the client describes it to the nodes."""
-
-    run_id: str
-    nodes: tuple[RunNode, ...]
-    ranks_per_node: int
-    command: str | None = None  # command mode
-    call: bytes | None = None  # Python mode: cloudpickled (fn, args, kwargs)
-    coordination: str | bytes | None = None  # shell command, or cloudpickled callable
-    timeout: float | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ranks(self) -> int:
-        return len(self.nodes) * self.ranks_per_node
-
-    def environment(self, index: int, directory: str) -> dict[str, str]:
-        """The ``CLOUDMAP_*`` (Batch: ``AZ_BATCH_*``) variables of node ``index``'s ranks."""
-        hosts = ",".join(node.host for node in self.nodes)
-        return {
-            **self.env,
-            "CLOUDMAP_HOST_LIST": hosts,
-            "CLOUDMAP_NODE_LIST": ",".join(node.id for node in self.nodes),
-            "CLOUDMAP_MASTER_NODE": self.nodes[0].host,
-            "CLOUDMAP_MASTER_NODE_ID": self.nodes[0].id,
-            "CLOUDMAP_IS_MASTER": "true" if index == 0 else "false",
-            "CLOUDMAP_TASK_SHARED_DIR": directory,
-            "CLOUDMAP_RANKS_PER_NODE": str(self.ranks_per_node),
-        }
+_running: dict[str, _Launcher] = {}
 
 
 def mpiexec_path() -> Path:
@@ -90,16 +85,6 @@ def missing_mpi(python_mode: bool) -> str | None:
     return None
 
 
-def node_environment() -> dict[str, str]:
-    """What a rank on this node must see of the node: its ``CLOUDMAP_NODE_*`` and
-    ``CLOUDMAP_POOL_ID`` variables (ranks are started by the primary, whose own differ),
-    and a ``PATH`` that finds this environment's ``python``, ``mpicc`` and ``mpiexec``."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("CLOUDMAP_NODE_")}
-    env["CLOUDMAP_POOL_ID"] = os.environ.get("CLOUDMAP_POOL_ID", "")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return env
-
-
 def run_directory(run_id: str) -> Path:
     tasks = Path(os.environ.get("CLOUDMAP_NODE_TASKS_DIR", os.getcwd()))
     return tasks / f"mpi-{run_id}"
@@ -110,7 +95,6 @@ async def coordinate(spec: MpiSpec, index: int) -> dict[str, Any]:
     directory = run_directory(spec.run_id)
     directory.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {
-        "node_env": node_environment(),
         "directory": str(directory),
         "missing": missing_mpi(spec.call is not None),
     }
@@ -154,113 +138,141 @@ async def coordinate(spec: MpiSpec, index: int) -> dict[str, Any]:
     return outcome
 
 
-async def launch(
-    spec: MpiSpec, directories: list[str], node_envs: list[dict[str, str]]
-) -> dict[str, Any]:
-    """On the primary node: run every rank under mpiexec and collect what they left."""
+def _argv(spec: MpiSpec, directories: list[str]) -> list[str]:
     primary = Path(directories[0])
     output = primary / "output"
-    output.mkdir(parents=True, exist_ok=True)
-    result_path = primary / "result.pkl"
     if spec.call is not None:
-        (primary / "call.pkl").write_bytes(spec.call)
         program = [sys.executable, "-m", "cloudmap.node.mpi_rank"]
-        program += [str(primary / "call.pkl"), str(result_path)]
+        program += [str(primary / "call.pkl"), str(primary / "result.pkl")]
     else:
         assert spec.command is not None
         program = ["/bin/sh", "-c", spec.command]
-    # Each rank records its exit status, so a failure can be pinned on a rank.
-    wrapper = f'"$@"; rc=$?; echo $rc > "{output}/exit.$PMI_RANK"; exit $rc'
-    argv = [str(mpiexec_path()), "-launcher", "fork"]
+    # Each rank ends its stderr with its exit status, so a failure can be pinned on a rank.
+    wrapper = f'"$@"; rc=$?; echo "{EXIT_MARKER}$rc" >&2; exit $rc'
+    hosts = ",".join(f"{node.id}:{spec.ranks_per_node}" for node in spec.nodes)
+    argv = [str(mpiexec_path()), "-launcher", "manual", "-hosts", hosts]
+    argv += ["-localhost", spec.nodes[0].host, "-genvnone"]
     argv += ["-outfile-pattern", str(output / "stdout.%r")]
     argv += ["-errfile-pattern", str(output / "stderr.%r")]
     for index, directory in enumerate(directories):
         if index:
             argv.append(":")
         argv += ["-n", str(spec.ranks_per_node), "-wdir", directory]
-        for name, value in {**node_envs[index], **spec.environment(index, directory)}.items():
-            argv += ["-env", name, value]
         argv += ["/bin/sh", "-c", wrapper, "cloudmap.node.mpi-rank", *program]
+    return argv
+
+
+async def start_launcher(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+    """On the primary node: start ``mpiexec``; return its proxies' command lines, in node
+    order (``{"lines": [...]}``), or why it could not start (``{"error": text}``)."""
+    primary = Path(directories[0])
+    (primary / "output").mkdir(parents=True, exist_ok=True)
+    if spec.call is not None:
+        (primary / "call.pkl").write_bytes(spec.call)
     process = await asyncio.create_subprocess_exec(
-        *argv,
+        *_argv(spec, directories),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    _running[spec.run_id] = process
+    tree = ProcessTree(process.pid)
+    output = bytearray()
+    lines: list[str] = []
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_read_launch_lines(process, output, lines), LAUNCH_LINES_TIMEOUT)
+    addresses = [control_address(line) for line in lines]
+    if len(lines) != len(spec.nodes) or None in addresses or process.returncode is not None:
+        await kill(process, tree)
+        assert process.stdout is not None
+        output += await process.stdout.read()
+        return {
+            "error": f"mpiexec printed {len(lines)} proxy command lines for "
+            f"{len(spec.nodes)} nodes (exit status {process.returncode})\n--- mpiexec output "
+            f"---\n{output.decode(errors='replace')[-OUTPUT_LIMIT:]}"
+        }
+    launcher = _Launcher(process, tree, output)
+    port = addresses[0][1] if addresses[0] else 0
+    launcher.guard = asyncio.ensure_future(_guard(launcher, port, len(lines)))
+    _running[spec.run_id] = launcher
+    return {"lines": lines}
+
+
+async def _read_launch_lines(
+    process: asyncio.subprocess.Process, output: bytearray, lines: list[str]
+) -> None:
+    """Read ``mpiexec``'s stdout up to the end of its proxies' command lines."""
+    assert process.stdout is not None
+    while True:
+        raw = await process.stdout.readline()
+        output += raw
+        line = raw.decode(errors="replace").strip()
+        if not raw or line == LAUNCH_END:
+            return
+        if line.startswith(LAUNCH_PREFIX):
+            lines.append(line[len(LAUNCH_PREFIX) :])
+
+
+async def _guard(launcher: _Launcher, port: int, proxies: int) -> None:
+    """Read what ``mpiexec`` prints, and end it if its proxies have not all connected in
+    time: it would wait for them forever, whatever became of the client that was to
+    start them."""
+    process = launcher.process
     assert process.stdout is not None
     reader = asyncio.ensure_future(process.stdout.read())
+    deadline = asyncio.get_running_loop().time() + PROXY_CONNECT_TIMEOUT + 5.0
+    try:
+        while process.returncode is None and asyncio.get_running_loop().time() < deadline:
+            if connected_to(process.pid, port, listening=True) >= proxies:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), 0.1)
+        else:
+            if process.returncode is None:
+                await kill(process, launcher.tree)
+        launcher.output += await reader
+    finally:
+        reader.cancel()
+
+
+async def watch_launcher(spec: MpiSpec, directories: list[str]) -> dict[str, Any]:
+    """On the primary node, once every proxy was started: wait for the run, stop it on a
+    timeout or when a rank fails, and collect what the ranks left."""
+    launcher = _running.get(spec.run_id)
+    if launcher is None:
+        raise RuntimeError(f"MPI run {spec.run_id} is not running on this node (stopped?)")
+    process = launcher.process
+    output = Path(directories[0]) / "output"
     timed_out = False
     first_failure: int | None = None
-    tree = _Tree(process.pid)
     try:
-        timed_out, first_failure = await _watch(process, output, spec.timeout, tree)
-        if timed_out or first_failure is not None:
-            await _stop(process)
+        timed_out, first_failure = await _watch(process, output, spec, launcher.tree)
     finally:
-        _running.pop(spec.run_id, None)
-        if process.returncode is None:
-            await _stop(process)
-        await tree.end()  # ranks hydra signalled may outlive mpiexec by a moment
-    launcher_output = await reader
-    outcome = _collect(spec, output, result_path)
+        if _running.get(spec.run_id) is launcher:
+            del _running[spec.run_id]
+        await kill(process, launcher.tree)  # ranks hydra signalled may outlive mpiexec
+        if launcher.guard is not None:
+            await launcher.guard
+    outcome = _collect(spec, output, Path(directories[0]) / "result.pkl")
     outcome.update(
         exit_code=process.returncode if first_failure is None else first_failure,
         timed_out=timed_out,
-        launcher=launcher_output.decode(errors="replace")[-OUTPUT_LIMIT:],
+        launcher=launcher.output.decode(errors="replace")[-OUTPUT_LIMIT:],
     )
     return outcome
 
 
-class _Tree:
-    """Every process seen under mpiexec during a run, so that none outlives the run."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.seen: dict[int, Any] = {}
-
-    def look(self) -> None:
-        import psutil
-
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(self.pid).children(recursive=True):
-                self.seen.setdefault(child.pid, child)
-
-    async def end(self) -> None:
-        import psutil
-
-        for member in self.seen.values():
-            with contextlib.suppress(psutil.Error):
-                if member.is_running():
-                    member.kill()
-        # Killed ranks are not this process's children, and end as zombies until their
-        # new parent reaps them: wait until none is still running (a bounded wait).
-        deadline = asyncio.get_running_loop().time() + 5.0
-        while any(_running_process(m) for m in self.seen.values()):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.01)
-
-
-def _running_process(process: Any) -> bool:
-    import psutil
-
-    try:
-        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
 async def _watch(
-    process: asyncio.subprocess.Process, output: Path, timeout: float | None, tree: _Tree
+    process: asyncio.subprocess.Process, output: Path, spec: MpiSpec, tree: ProcessTree
 ) -> tuple[bool, int | None]:
     """Wait for mpiexec; return (timed out, exit status of a rank that failed first).
 
     MPICH's hydra stops every rank when one calls MPI_Abort, but waits for the others when
     one merely exits non-zero; a command-mode rank that fails must stop the run too, so
-    the ranks' exit files are watched while mpiexec runs.
+    the end of the ranks' stderr files (where each rank's exit status arrives) is watched
+    while mpiexec runs.
     """
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = None if spec.timeout is None else loop.time() + spec.timeout
     for look in itertools.count():
         # Listing the process tree scans /proc: early (the ranks have just started), then
         # once a second, which is enough to know every rank of a long run.
@@ -269,35 +281,34 @@ async def _watch(
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(process.wait()), WATCH_INTERVAL)
             return False, None
-        for path in output.glob("exit.*"):
-            code = path.read_text().strip()
-            if re.fullmatch(r"-?\d+", code) and int(code) != 0:
-                return False, int(code)
-        if deadline is not None and asyncio.get_running_loop().time() > deadline:
+        for rank in range(spec.ranks):
+            code = _exit_status(_read(output / f"stderr.{rank}", EXIT_TAIL))
+            if code:
+                # After MPI_Abort hydra ends the run itself: let it, so that what the
+                # other nodes' ranks wrote (the error of the rank that aborted) arrives.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(process.wait()), FAILURE_GRACE)
+                return False, code
+        if deadline is not None and loop.time() > deadline:
             return True, None
     raise AssertionError("unreachable")
 
 
 async def stop_run(run_id: str) -> bool:
-    """Kill a run that the client gave up on (Ctrl-C); True if it was still running."""
-    process = _running.pop(run_id, None)
-    if process is None:
+    """Kill ``mpiexec`` of a run that the client gave up on (Ctrl-C, a lost node, a proxy
+    that did not start); True if it was still running here."""
+    launcher = _running.pop(run_id, None)
+    if launcher is None:
         return False
-    await _stop(process)
+    await kill(launcher.process, launcher.tree)
     return True
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """Kill mpiexec and every rank under it at once (ranks are found first, as its
-    descendants): a run is stopped because it failed, timed out or was abandoned, and its
-    ranks' work is lost either way."""
-    tree = _Tree(process.pid)
-    tree.look()
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    await tree.end()
-    with contextlib.suppress(ProcessLookupError):
-        await process.wait()
+def _exit_status(text: str) -> int | None:
+    """The exit status a rank's wrapper wrote at the end of ``text``, if it did."""
+    _, marker, rest = text.rpartition(EXIT_MARKER)
+    found = re.match(r"(-?\d+)\s*$", rest) if marker else None
+    return int(found.group(1)) if found else None
 
 
 def _collect(spec: MpiSpec, output: Path, result_path: Path) -> dict[str, Any]:
@@ -305,6 +316,10 @@ def _collect(spec: MpiSpec, output: Path, result_path: Path) -> dict[str, Any]:
     for rank in range(spec.ranks):
         stdout.append(_read(output / f"stdout.{rank}"))
         text = _read(output / f"stderr.{rank}")
+        code = _exit_status(text)
+        if code is not None:
+            exits[rank] = code
+            text = text[: text.rindex(EXIT_MARKER)]
         marked = [line for line in text.splitlines() if line.startswith(ERROR_MARKER)]
         if marked:
             errors[rank] = marked[-1][len(ERROR_MARKER) :]
@@ -312,17 +327,17 @@ def _collect(spec: MpiSpec, output: Path, result_path: Path) -> dict[str, Any]:
                 line for line in text.splitlines() if not line.startswith(ERROR_MARKER)
             )
         stderr.append(text)
-        code = _read(output / f"exit.{rank}").strip()
-        if re.fullmatch(r"-?\d+", code):
-            exits[rank] = int(code)
     result = result_path.read_bytes() if result_path.exists() else None
     return {"stdout": stdout, "stderr": stderr, "exits": exits, "errors": errors, "result": result}
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, limit: int = OUTPUT_LIMIT) -> str:
+    """The last ``limit`` bytes of a file, as text ("" if there is no such file)."""
     try:
         with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - limit))
             data = file.read()
     except FileNotFoundError:
         return ""
-    return data[-OUTPUT_LIMIT:].decode(errors="replace")
+    return data.decode(errors="replace")

@@ -18,6 +18,10 @@ from typing import Any
 
 #: Starts the line of a rank's stderr that carries its pickled error.
 ERROR_MARKER = "CLOUDMAP-MPI-ERROR "
+#: Ends every rank's stderr, followed by the rank's exit status: the shell wrapper around
+#: each rank writes it, and hydra forwards it to the primary node with the rest of the
+#: rank's stderr, wherever the rank ran (see cloudmap.node.mpi_launch).
+EXIT_MARKER = "CLOUDMAP-MPI-EXIT "
 
 
 def main(call_path: str, result_path: str) -> int:
