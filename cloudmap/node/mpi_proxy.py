@@ -61,7 +61,34 @@ def proxy_environment(spec: MpiSpec, index: int, directory: str) -> dict[str, st
     (this slot's), a ``PATH`` that finds this environment's ``python``, ``mpicc`` and
     ``mpiexec``, the netmod settings, and the run's variables."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, **NETMOD_ENV, **spec.environment(index, directory)}
+    netmod = dict(NETMOD_ENV)
+    interface = node_interface(spec.nodes[index].host)
+    if interface is not None:
+        netmod["FI_TCP_IFACE"] = interface
+    return {**os.environ, "PATH": path, **netmod, **spec.environment(index, directory)}
+
+
+def node_interface(host: str) -> str | None:
+    """The network interface that carries ``host``, the node's address on the pool's
+    network (where its slots listen), so that the ranks' TCP goes where the pool's does;
+    None lets libfabric choose.
+
+    libfabric picks interfaces by name, not by address, and a machine can have several
+    (the local provider's nodes listen on 127.0.0.1 of a laptop with Wi-Fi and Docker
+    bridges). An address of 127.0.0.0/8 that no interface lists (each Batch emulator node
+    has one) is reached through ``lo``, whose own address, 127.0.0.1, the ranks then bind.
+    """
+    import ipaddress
+
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.address == host for address in addresses):
+            return name
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return "lo"
+    return None
 
 
 async def start_proxy(spec: MpiSpec, index: int, line: str, directory: str) -> str | None:

@@ -4,8 +4,9 @@ Rank 0 reads the pickled call (function, args, kwargs, root_only) and broadcasts
 only the primary node needs the file; every rank calls ``fn(COMM_WORLD, *args, **kwargs)``;
 rank 0 gathers the return values (or keeps its own, with root_only) and writes them,
 pickled, to RESULT. A rank whose function
-raises writes a marked line with its pickled error to its stderr (which the launcher
-collects on the primary node, whatever the topology) and aborts the whole run.
+raises writes a marked line with its pickled error to its stderr (which hydra forwards to
+the primary node, whatever node the rank runs on) and exits with status 1, at once; the
+primary then stops every rank (cloudmap.node.mpi_launch).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def main(call_path: str, result_path: str) -> int:
             values = comm.gather(cloudpickle.dumps(value), root=0)
     except BaseException as exc:
         _report(exc)
-        comm.Abort(1)
-        return 1
+        # Not MPI_Abort: after an abort hydra ends the run at once, and the error line,
+        # still on its way from this rank's node to the primary, can be lost. Exiting
+        # leaves the other ranks waiting; the primary sees this rank's exit status, which
+        # arrives after the error line, and stops them all.
+        os._exit(1)
     if comm.rank == 0:
         assert values is not None
         with open(result_path + ".part", "wb") as file:

@@ -9,6 +9,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -25,6 +26,11 @@ def _ranks_left(
 ) -> list[psutil.Process]:
     """Processes of MPI runs still alive, where the test can see them ("local_nodes")."""
     return harness.node_processes(marker) if harness.can("local_nodes") else []
+
+
+def _address(node: cloudmap.NodeInfo) -> str:
+    """The node's address on the pool's network: where its slots listen."""
+    return str(urlsplit(node.workers[0]).hostname)
 
 
 @requires("mpi")
@@ -50,21 +56,52 @@ class MpiTests:
         assert [v["rank"] for v in values] == [0, 1, 2, 3]
         assert all(v["size"] == 4 and v["sum"] == 46 for v in values)
         assert all(v["coordinated"] for v in values), "coordination did not run before the ranks"
-        nodes = sorted(n.id for n in pool.nodes())
+        addresses = {n.id: _address(n) for n in pool.nodes()}
         for v in values:
             env = v["env"]
-            assert sorted(env["CLOUDMAP_NODE_LIST"].split(",")) == nodes
-            if harness.can("local_nodes"):
-                assert env["CLOUDMAP_HOST_LIST"] == "127.0.0.1,127.0.0.1"
-                assert env["CLOUDMAP_MASTER_NODE"] == "127.0.0.1"
-            assert env["CLOUDMAP_IS_MASTER"] == ("true" if v["rank"] < 2 else "false")
-            assert v["cwd"] == env["CLOUDMAP_TASK_SHARED_DIR"]
+            run_nodes = env["CLOUDMAP_NODE_LIST"].split(",")
+            assert sorted(run_nodes) == sorted(addresses)
+            hosts = ",".join(addresses[node] for node in run_nodes)
+            assert env["CLOUDMAP_HOST_LIST"] == env["AZ_BATCH_HOST_LIST"] == hosts
+            assert env["CLOUDMAP_MASTER_NODE"] == addresses[run_nodes[0]]
+            assert env["AZ_BATCH_MASTER_NODE"] == f"{addresses[run_nodes[0]]}:6000"
+            master = "true" if v["rank"] < 2 else "false"
+            assert env["CLOUDMAP_IS_MASTER"] == env["AZ_BATCH_IS_CURRENT_NODE_MASTER"] == master
+            assert v["cwd"] == env["CLOUDMAP_TASK_SHARED_DIR"] == env["AZ_BATCH_TASK_SHARED_DIR"]
             own_node = env["CLOUDMAP_NODE_LIST"].split(",")[v["rank"] // 2]
             assert env["CLOUDMAP_NODE_ID"] == own_node, "a rank sees another node's variables"
             assert f"/{own_node}/" in v["cwd"]
         assert values[0]["cwd"] != values[2]["cwd"], "ranks of both nodes ran in one directory"
         root = pool.mpi(mpi_tasks.scaled_sum, 2, nodes=2, ranks_per_node=2, root_only=True)
         assert root == 2 * (1 + 2 + 3 + 4)
+
+    def test_ranks_are_started_by_their_own_node_and_talk_over_tcp(
+        self, harness: ProviderHarness, pool: cloudmap.Pool
+    ) -> None:
+        """What a launch of every rank from the primary node would fail: each rank is a
+        descendant of its own node's slot through a hydra proxy, not of mpiexec, sees its
+        own node's variables, and ranks of different nodes exchange halos over TCP."""
+        values = pool.mpi(mpi_tasks.stencil_on_node, 26, nodes=2, ranks_per_node=2)
+        run_nodes = values[0]["node_list"]
+        assert len(set(run_nodes)) == 2
+        for v in values:
+            own = run_nodes[v["rank"] // 2]
+            assert v["node_id"] == own, "a rank sees another node's variables"
+            if harness.provider == "azure":
+                assert v["batch_node_id"] == own, "a rank sees another node's AZ_BATCH_*"
+            slot = next(i for i, line in enumerate(v["ancestors"]) if "cloudmap.node.slot" in line)
+            assert f"{own}/slot-" in v["ancestors"][slot], "a rank was started by another node"
+            assert "hydra_pmi_proxy" in v["ancestors"][slot - 1]
+            assert not any("mpiexec" in line for line in v["ancestors"][:slot])
+        # Ranks 1 and 2 are neighbours on different nodes: one connected to the other.
+        ends_of_2 = {end for pair in values[2]["connections"] for end in pair}
+        crossing = [pair for pair in values[1]["connections"] if set(pair) <= ends_of_2]
+        assert crossing, "ranks of different nodes did not talk over TCP"
+        if harness.can("local_nodes"):  # loopback: see docs/decisions/0007
+            assert all(end.startswith("127.") for pair in crossing for end in pair)
+        whole, total = mpi_tasks.stencil_serial(26)
+        assert [x for v in values for x in v["block"]] == whole
+        assert all(v["total"] == pytest.approx(total) for v in values)
 
     def test_a_rank_that_raises_stops_every_rank_and_is_named(
         self, harness: ProviderHarness, pool: cloudmap.Pool
