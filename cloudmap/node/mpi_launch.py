@@ -50,6 +50,9 @@ OUTPUT_LIMIT = 1 << 20
 FAILURE_GRACE = 0.5
 #: Seconds ``mpiexec`` has to print its proxies' command lines.
 LAUNCH_LINES_TIMEOUT = 30.0
+#: Seconds past the proxies' own deadline (they report a failure to the client first)
+#: after which ``mpiexec`` is ended if not all of them connected.
+GUARD_MARGIN = 5.0
 #: Bytes at the end of a rank's stderr searched for its exit status while the run goes on.
 EXIT_TAIL = 64
 
@@ -219,7 +222,7 @@ async def _guard(launcher: _Launcher, port: int, proxies: int) -> None:
     process = launcher.process
     assert process.stdout is not None
     reader = asyncio.ensure_future(process.stdout.read())
-    deadline = asyncio.get_running_loop().time() + PROXY_CONNECT_TIMEOUT + 5.0
+    deadline = asyncio.get_running_loop().time() + PROXY_CONNECT_TIMEOUT + GUARD_MARGIN
     try:
         while process.returncode is None and asyncio.get_running_loop().time() < deadline:
             if connected_to(process.pid, port, listening=True) >= proxies:
