@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import threading
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 
 import dask
 from distributed import Client, Future, Scheduler, Security, SpecCluster
+from distributed.client import FutureCancelledError
 from distributed.core import Status
 from distributed.scheduler import KilledWorker
 
@@ -259,6 +261,15 @@ class DaskCluster:
                 deliver(task, "error", exc)  # loss_of: DISCONNECTED, sent again
             else:
                 deliver(task, "cancelled", exc)
+        except OSError as exc:
+            if self._cluster is None:
+                # A remote scheduler's connection dropped while the result came: it is
+                # lost with the connection, not with the task (loss_of: DISCONNECTED).
+                dropped = FutureCancelledError(task.key, CONNECTION_LOST, str(exc))
+                deliver(task, "error", dropped)
+            else:
+                self.finished_tasks += 1
+                deliver(task, "error", exc)
         except BaseException as exc:
             self.finished_tasks += 1
             deliver(task, "error", exc)
@@ -282,9 +293,7 @@ class DaskCluster:
         if not isinstance(error, KilledWorker):
             return TaskLoss(LossCause.FAILED, None, error)
         slot = dead_slot(error)
-        if slot.address is not None and self.client.run_on_scheduler(
-            on_scheduler.is_evicted, slot.address
-        ):
+        if slot.address is not None and self._ask(on_scheduler.is_evicted, slot.address):
             return TaskLoss(LossCause.PREEMPTED, slot.name, error)
         lost = WorkerLostError(
             f"the slot process running this item died ({type(error).__name__}: {error})"
@@ -294,7 +303,7 @@ class DaskCluster:
         node = node_of(slot.name)
         if node is not None and self.node_taken is not None and self.node_taken(node):
             if slot.address is not None:
-                self.client.run_on_scheduler(on_scheduler.evict_slot, slot.address)
+                self._ask(on_scheduler.evict_slot, slot.address)
             return TaskLoss(LossCause.PREEMPTED, slot.name, error)
         partial = self.timeout_result(key) if timed else None
         return TaskLoss(LossCause.DIED, slot.name, lost, partial)
@@ -305,22 +314,22 @@ class DaskCluster:
         """Remember the slots of a node about to be killed by its provider, so that the
         tasks they held are known as lost with the node, not as crashes."""
         try:
-            self.client.run_on_scheduler(on_scheduler.evict_node, node_id)
+            self._ask(on_scheduler.evict_node, node_id)
         except Exception:  # the scheduler is closing: no task is waiting for a verdict
             return
 
     def drain(self, node_id: str) -> None:
         """Give a node's slots no new task and move the tasks queued on them elsewhere;
         the tasks they are running finish (or are lost when the node is killed)."""
-        self.client.run_on_scheduler(on_scheduler.drain_node, node_id)
+        self._ask(on_scheduler.drain_node, node_id)
 
     def undrain(self, node_id: str) -> None:
         """Let a drained node's slots take tasks again (an MPI run gave its nodes back)."""
-        self.client.run_on_scheduler(on_scheduler.undrain_node, node_id)
+        self._ask(on_scheduler.undrain_node, node_id)
 
     def nodes_quiet(self, node_ids: list[str]) -> bool:
         """Whether no slot of these nodes has a task assigned."""
-        return bool(self.client.run_on_scheduler(on_scheduler.nodes_quiet, list(node_ids)))
+        return bool(self._ask(on_scheduler.nodes_quiet, list(node_ids)))
 
     def run_on(self, worker: str, coroutine: Callable[..., Any], *args: Any) -> Any:
         """Await ``coroutine(*args)`` in one slot process (out of band, not as a task)."""
@@ -336,11 +345,11 @@ class DaskCluster:
         make the one behind it wait for its whole run. Only tasks that have not started
         (no start event) are moved, so nothing runs twice.
         """
-        return int(self.client.run_on_scheduler(on_scheduler.rebalance))
+        return int(self._ask(on_scheduler.rebalance))
 
     def work_counts(self) -> tuple[int, int]:
         """(tasks running, tasks waiting for a slot) on the scheduler now."""
-        running, waiting = self.client.run_on_scheduler(on_scheduler.work_counts)
+        running, waiting = self._ask(on_scheduler.work_counts)
         return int(running), int(waiting)
 
     def timeout_result(self, key: str) -> bytes | None:
@@ -388,7 +397,7 @@ class DaskCluster:
     def slots_by_node(self) -> dict[str, list[tuple[str, int]]]:
         """Each node's connected slots as (worker address, tasks processing)."""
         view: dict[str, list[tuple[str, int]]] = {}
-        for name, address, processing in self.client.run_on_scheduler(on_scheduler.slots_view):
+        for name, address, processing in self._ask(on_scheduler.slots_view):
             node = node_of(name)
             if node is not None:
                 view.setdefault(node, []).append((address, processing))
@@ -404,7 +413,7 @@ class DaskCluster:
         if not tasks:
             return
         keys = [task.key for task in tasks]
-        workers = self.client.run_on_scheduler(on_scheduler.workers_processing, keys)
+        workers = self._ask(on_scheduler.workers_processing, keys)
         self.cancel(tasks)
         if workers:
             self.client.run(exit_slot, workers=list(workers), wait=False)
@@ -414,7 +423,28 @@ class DaskCluster:
 
     def addresses(self) -> list[str]:
         """The addresses of the connected slots."""
-        return list(self.client.run_on_scheduler(on_scheduler.worker_addresses))
+        return list(self._ask(on_scheduler.worker_addresses))
+
+    def _ask(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args, dask_scheduler=...)`` on the scheduler. While the client reconnects
+        to a remote scheduler, wait for it (within the reconnect window) and ask again;
+        once it is gone for good, raise :class:`~cloudmap.SchedulerLostError`."""
+        while True:
+            try:
+                return self.client.run_on_scheduler(fn, *args)
+            except (OSError, asyncio.TimeoutError):
+                if self._cluster is not None or self._closing:
+                    raise
+                if not poll_until(self._reachable, self.reconnect_timeout + 5, interval=0.1):
+                    self.check_usable()
+                    raise
+                self.check_usable()
+
+    def _reachable(self) -> bool:
+        """Connected again (True), or never again (True too: the caller checks which)."""
+        return self.broken is not None or (
+            self.client.status == "running" and self.client.scheduler_comm is not None
+        )
 
     def check_usable(self) -> None:
         """Raise :class:`~cloudmap.SchedulerLostError` once the scheduler is gone for good."""
@@ -438,8 +468,13 @@ class DaskCluster:
         """Drop the client (and with it every future) before the nodes go away."""
         self._closing = True
         client = getattr(self, "client", None)
-        if client is not None:
+        if client is None:
+            return
+        if self.broken is None:
             client.close(timeout=10)
+            return
+        with contextlib.suppress(Exception):  # its scheduler is gone: nothing to tell it
+            client.close(timeout=2)
 
     def close(self) -> None:
         try:

@@ -98,6 +98,10 @@ class BatchEmulator:
         """Every connection the pool's public frontend saw, in order (refused ones too)."""
         return self._account.connections(pool_id)
 
+    def all_connections(self) -> list[Connection]:
+        """Every connection any pool's frontend saw, deleted pools' too."""
+        return self._account.all_connections()
+
     def public_address(self, pool_id: str) -> str:
         """The pool's public address, where its inbound NAT endpoints listen."""
         with self._account.lock:

@@ -8,14 +8,17 @@ from the sources the pool's network security group rules allow. Here the public 
 is the pool's own address on the account's network (``127.a.b.c``), and a
 :class:`Forwarder` per node endpoint listens on it, applies the rules to the connecting
 address, and pipes bytes to the node's own address. Every connection it sees is recorded
-(:attr:`Forwarder.log`), so a test can show what a client connected to;
-:meth:`Forwarder.cut` drops the connections and refuses new ones for a while, as a
-laptop's Wi-Fi does.
+(:attr:`Forwarder.log`), so a test can show what a client connected to. A source the
+rules deny is dropped as an NSG does: the connection is held open and silent, so the
+client's handshake times out.
+:meth:`Forwarder.cut` drops every connection and stops listening for a while (new ones
+are refused), as when a laptop's Wi-Fi goes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import selectors
 import socket
@@ -151,6 +154,8 @@ class Connection:
     backend: tuple[str, int]
     allowed: bool
     time: float
+    #: The forwarder's own end of its connection to the backend, when it made one.
+    relay: tuple[str, int] | None = None
 
 
 class Forwarder:
@@ -160,11 +165,11 @@ class Forwarder:
     def __init__(self, frontend: tuple[str, int], backend: tuple[str, int], nat: NatPool) -> None:
         self.frontend, self.backend, self.nat = frontend, backend, nat
         self.log: list[Connection] = []
-        self._listener = socket.create_server(frontend, reuse_port=False)
-        self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._listener: socket.socket | None = None
+        self._listen()
         self._pairs: dict[socket.socket, socket.socket] = {}
+        self._held: list[socket.socket] = []  # denied: silent until the forwarder closes
         self._cut_until = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -176,6 +181,9 @@ class Forwarder:
         """Drop every forwarded connection and refuse new ones for ``seconds``."""
         with self._lock:
             self._cut_until = time.monotonic() + seconds
+            # Stop listening first: a client that reconnects as soon as its connection
+            # drops must be refused, not accepted into the backlog and then reset.
+            self._unlisten()
             for sock in list(self._pairs):
                 self._close(sock)
 
@@ -185,11 +193,27 @@ class Forwarder:
         with self._lock:
             for sock in list(self._pairs):
                 self._close(sock)
+            for sock in self._held:
+                sock.close()
+            self._unlisten()
         self._selector.close()
-        self._listener.close()
+
+    def _listen(self) -> None:
+        self._listener = socket.create_server(self.frontend)  # SO_REUSEADDR: again after a cut
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+
+    def _unlisten(self) -> None:
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            with self._lock:
+                if self._listener is None and time.monotonic() >= self._cut_until:
+                    self._listen()
             for key, _ in self._selector.select(timeout=0.05):
                 with self._lock:
                     if key.data is None:
@@ -198,20 +222,27 @@ class Forwarder:
                         self._pump(key.fileobj)  # type: ignore[arg-type]
 
     def _accept(self) -> None:
+        if self._listener is None:
+            return
         try:
             client, (source, _) = self._listener.accept()
         except OSError:
             return
-        allowed = self.nat.allows(source) and time.monotonic() >= self._cut_until
-        self.log.append(Connection(source, self.frontend, self.backend, allowed, time.time()))
+        allowed = self.nat.allows(source)
+        seen = Connection(source, self.frontend, self.backend, allowed, time.time())
         if not allowed:
-            client.close()  # an NSG drops it; a refusal is what the client sees soonest
+            self.log.append(seen)
+            self._held.append(client)
             return
         try:
             backend = socket.create_connection(self.backend, timeout=5)
         except OSError:
-            client.close()
+            # Nothing listens behind it (the VM is gone): the load balancer's SYN goes
+            # unanswered, so the client's connection stays silent, as a drop.
+            self.log.append(seen)
+            self._held.append(client)
             return
+        self.log.append(dataclasses.replace(seen, relay=backend.getsockname()[:2]))
         for sock in (client, backend):
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, "pipe")

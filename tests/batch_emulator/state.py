@@ -226,6 +226,7 @@ class Node:
             forwarder = Forwarder(frontend, (self.address, nat.backend_port), nat)
             self.forwarders.append(forwarder)
             self.pool.forwarders.append(forwarder)
+            self.pool.account_forwarders.append(forwarder)
 
     def close_endpoints(self) -> None:
         for forwarder in self.forwarders:
@@ -237,7 +238,12 @@ class Pool:
     """One pool: its spec as created, its targets, its resize in progress and its nodes."""
 
     def __init__(
-        self, body: dict[str, Any], now: float, nats: tuple[NatPool, ...], public_address: str
+        self,
+        body: dict[str, Any],
+        now: float,
+        nats: tuple[NatPool, ...],
+        public_address: str,
+        account_forwarders: list[Forwarder],
     ) -> None:
         self.id: str = body["id"]
         self.spec = body
@@ -245,6 +251,8 @@ class Pool:
         self.public_address = public_address
         #: Every frontend the pool's nodes had, removed nodes' too: their connection logs.
         self.forwarders: list[Forwarder] = []
+        #: The account's list of every frontend, deleted pools' too.
+        self.account_forwarders = account_forwarders
         self.vm_size: str = body["vmSize"]
         self.created = now
         self.state = "active"
@@ -447,6 +455,7 @@ class Account:
         self.env = env
         #: The account's addresses: each node's, and each pool's public one.
         self.network = LoopbackNetwork.random()
+        self.forwarders: list[Forwarder] = []
         self.lock = threading.RLock()
         self.pools: dict[str, Pool] = {}
         self.stalls: dict[str, float] = {}  # pool id -> allocations stall until this time
@@ -551,7 +560,7 @@ class Account:
                 raise BatchError(
                     409, "PoolQuotaReached", "The account has reached its quota of pools."
                 )
-            pool = Pool(body, now, nats, self.network.next_address())
+            pool = Pool(body, now, nats, self.network.next_address(), self.forwarders)
             self.pools[pool_id] = pool
             if autoscale:
                 pool.interval_iso = interval
@@ -1017,6 +1026,10 @@ class Account:
     def connections(self, pool_id: str) -> list[Connection]:
         with self.lock:
             return self.pool(pool_id).connections()
+
+    def all_connections(self) -> list[Connection]:
+        with self.lock:
+            return sorted((c for f in self.forwarders for c in f.log), key=lambda c: c.time)
 
     def node_processes(self, pool_id: str) -> dict[str, list[int]]:
         with self.lock:
