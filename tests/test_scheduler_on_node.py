@@ -9,12 +9,14 @@ client connects out to the frontend and to nothing else, and nothing connects to
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import dask.config
 import psutil
 import pytest
@@ -38,14 +40,23 @@ def slow_square(x: int) -> int:
     return x * x
 
 
+def rank_sum(comm: Any) -> int:
+    return int(comm.allreduce(comm.rank + 1))
+
+
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchEmulator]:
     root = Path(tmp_path_factory.mktemp("scheduler-on-node"))
-    with (
-        running_batch_emulator(root, node_start_delay=0.05, page_size=50) as emulator,
-        cloudmap_uses(emulator),
-    ):
-        yield emulator
+    # Batch nodes do not see the tests' modules: this one's functions travel by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with (
+            running_batch_emulator(root, node_start_delay=0.05, page_size=50) as emulator,
+            cloudmap_uses(emulator),
+        ):
+            yield emulator
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def remote_pool(**options: Any) -> cloudmap.Pool:
@@ -130,8 +141,13 @@ class Recorder:
         self.closed = counts
 
 
-def test_submit_progress_jobs_and_resize_work_through_it(pool: cloudmap.Pool) -> None:
+def test_submit_progress_jobs_mpi_widgets_and_resize_work_through_it(
+    pool: cloudmap.Pool,
+) -> None:
     assert pool.submit(square, 7).result(timeout=30) == 49
+    widget = pool.widget()
+    assert widget.refresh() and widget.snapshot is not None
+    assert "2" in widget.header.value
     recorder = Recorder()
     assert pool.map(slow_square, range(12), progress=recorder) == [x * x for x in range(12)]
     assert recorder.closed is not None and recorder.closed.done == 12
@@ -141,6 +157,8 @@ def test_submit_progress_jobs_and_resize_work_through_it(pool: cloudmap.Pool) ->
     pool.wait_for_nodes(3, timeout=60)
     assert len({n.id for n in pool.nodes()}) == 3
     pool.resize(nodes=2)
+    pytest.importorskip("mpi4py", reason="install the cloudmap[mpi] extra")
+    assert pool.mpi(rank_sum, nodes=2, ranks_per_node=2) == [10, 10, 10, 10]
 
 
 def test_a_dropped_connection_is_survived_and_the_map_goes_on(
