@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--pool-id", default=None)
     plan.add_argument("--start-task", default=None, help="a shell command run on each node")
     plan.add_argument("--package", action="append", default=[], help="pip requirement")
+    plan.add_argument("--subnet-id", default=None, help="azure: the nodes' subnet")
+    plan.add_argument(
+        "--scheduler", choices=("node", "client"), default=None, help="azure: where it runs"
+    )
+    plan.add_argument(
+        "--allow-from", action="append", default=None, help="azure: a CIDR that may connect"
+    )
+    plan.add_argument("--staging-url", default=None, help="azure: where to ship cloudmap")
 
     pools = commands.add_parser("pools", help="Azure Batch pools made by cloudmap")
     pool_commands = pools.add_subparsers(dest="pools_command", required=True)
@@ -71,7 +79,15 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     from .pool import Pool
 
     options: dict[str, Any] = {}
-    for name in ("vm_size", "account_url", "pool_id"):
+    for name in (
+        "vm_size",
+        "account_url",
+        "pool_id",
+        "subnet_id",
+        "scheduler",
+        "allow_from",
+        "staging_url",
+    ):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     return Pool.plan(

@@ -168,16 +168,27 @@ class DaskCluster:
 
     def _watch_reconnects(self) -> None:
         async def watch() -> None:
+            """Subscribe again after each reconnection; give up, as Dask's client does,
+            once it has been cut off for longer than the window (also when its reconnect
+            loop died on an error it does not catch)."""
+            cut_since: float | None = None
             while self.client.status not in ("closing", "closed"):
                 await asyncio.sleep(RECONNECT_CHECK)
                 comm = self.client.scheduler_comm
-                if self.client.status == "running" and comm is not None and comm is not self._comm:
-                    self._subscribe()
+                if self.client.status == "running" and comm is not None:
+                    cut_since = None
+                    if comm is not self._comm:
+                        self._subscribe()
+                    continue
+                cut_since = cut_since or time.monotonic()
+                if time.monotonic() - cut_since > self.reconnect_timeout + RECONNECT_CHECK:
+                    break
             if self.broken is None and not self._closing:
                 self.broken = (
                     f"the connection to the pool's scheduler at {self._address} was lost for "
                     f"more than {self.reconnect_timeout:g} s"
                 )
+                await self.client._close()
 
         loop = self.client.loop
         assert loop is not None

@@ -43,6 +43,7 @@ DISTRIBUTED_VERSIONS = ">=2026.8.0,<2026.9"
 #: and tests/test_dask_internals.py checks each on a live scheduler, worker and client, so
 #: that an upgrade of ``distributed`` fails there, naming what changed, not in a map.
 PRIVATE_DASK_API: tuple[tuple[str, str, str], ...] = (
+    ("Client", "_close", "cluster: close a client cut off too long, from its event loop"),
     ("Client", "_timeout", "cluster: how long a client reconnects to a remote scheduler"),
     ("Scheduler", "_reschedule", "scheduler_plugin: move a task not yet begun off a slot"),
     ("Scheduler", "handle_worker_status_change", "scheduler_plugin: drain a slot at once"),

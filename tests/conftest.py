@@ -1,9 +1,11 @@
-"""Shared fixtures: every process a test starts is gone when the test session ends."""
+"""Shared fixtures: every process a test starts is gone when the test session ends; Azure
+pools whose scheduler runs in the client."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import dask.config
 import psutil
 import pytest
 
@@ -32,3 +34,12 @@ def no_processes_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     for process in leftovers:
         process.kill()
     assert not leftovers, f"processes left running after the tests: {leftovers}"
+
+
+@pytest.fixture
+def scheduler_in_the_client() -> Iterator[None]:
+    """Azure pools whose scheduler runs in the test's process (``scheduler="client"``): the
+    emulated nodes are on this machine, the client's network, as with ``subnet_id``.
+    tests/test_scheduler_on_node.py runs it on a node, the default without ``subnet_id``."""
+    with dask.config.set({"cloudmap.azure.scheduler": "client"}):
+        yield

@@ -25,6 +25,8 @@ from cloudmap.providers.azure.settings import AzureSettings
 from .batch_emulator import BatchEmulator, running_batch_emulator
 from .conftest import eventually
 
+pytestmark = pytest.mark.usefixtures("scheduler_in_the_client")
+
 # Batch nodes do not share the client's files: this module's functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -67,7 +69,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_plan_prints_the_pool_body_without_credentials() -> None:
     done = cli(
         "plan", "--provider", "azure", "--vm-size", "Standard_D4s_v5",
-        "--nodes", "2", "--spot-nodes", "4", "--slots-per-node", "4",
+        "--nodes", "2", "--spot-nodes", "4", "--slots-per-node", "4", "--scheduler", "client",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
@@ -87,6 +89,15 @@ def test_plan_prints_the_pool_body_without_credentials() -> None:
     mpi = cloudmap.Pool.plan("azure", nodes=2, slots_per_node=4, mpi=True)
     body = mpi["requests"][0]["body"]
     assert body["enableInterNodeCommunication"] is True and body["taskSlotsPerNode"] == 1
+    # From a laptop (no subnet): the scheduler's endpoint and its rules, in two steps.
+    done = cli("plan", "--provider", "azure", "--nodes", "2", "--allow-from", "203.0.113.7/32")
+    assert done.returncode == 0, done.stderr
+    create, _, resize = json.loads(done.stdout)["requests"]
+    (nat,) = create["body"]["networkConfiguration"]["endpointConfiguration"]["inboundNATPools"]
+    assert nat["networkSecurityGroupRules"][0]["sourceAddressPrefix"] == "203.0.113.7/32"
+    assert resize["body"]["targetDedicatedNodes"] == 3
+    refused = cli("plan", "--provider", "azure", "--nodes", "2")
+    assert refused.returncode != 0 and "allow_from" in refused.stderr
 
 
 def test_settings_come_from_keywords_then_dask_config_then_defaults() -> None:

@@ -23,6 +23,8 @@ from cloudmap.node import compat
 from .azurite import running_azurite
 from .batch_emulator import BatchEmulator, running_batch_emulator
 
+pytestmark = pytest.mark.usefixtures("scheduler_in_the_client")
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
