@@ -444,6 +444,7 @@ class DaskCluster:
             try:
                 return self.client.run_on_scheduler(fn, *args)
             except (OSError, asyncio.TimeoutError):
+                self.check_usable()
                 if self._cluster is not None or self._closing:
                     raise
                 if not poll_until(self._reachable, self.reconnect_timeout + 5, interval=0.1):
