@@ -161,6 +161,31 @@ def test_submit_progress_jobs_mpi_widgets_and_resize_work_through_it(
     assert pool.mpi(rank_sum, nodes=2, ranks_per_node=2) == [10, 10, 10, 10]
 
 
+def test_autoscale_decides_in_the_client_and_asks_batch(
+    batch: BatchEmulator, pool: cloudmap.Pool
+) -> None:
+    pool.autoscale(cloudmap.Autoscale(min_nodes=2, max_nodes=3, interval=0.2, idle_timeout=60))
+    try:
+        assert pool.map(slow_square, range(80)) == [x * x for x in range(80)]
+        assert max(s.target_dedicated for s in pool.scaling_history()) == 3
+        # Batch's own target holds the scheduler's node too.
+        assert batch.client().get_pool(pool_id(pool)).target_dedicated_nodes == 4
+    finally:
+        pool.autoscale(None)
+        pool.resize(nodes=2)
+
+
+def test_a_kept_pool_is_attached_again_with_a_scheduler_of_its_own(batch: BatchEmulator) -> None:
+    with remote_pool(nodes=1, keep_pool=True) as kept:
+        kept_id = pool_id(kept)
+        first = scheduler_node_id(kept)
+    assert batch.client().get_pool(kept_id).id == kept_id  # kept, still billing
+    with remote_pool(nodes=1, pool_id=kept_id) as attached:
+        assert attached.map(square, range(6)) == [0, 1, 4, 9, 16, 25]
+        assert scheduler_node_id(attached) != first  # every node replaced, the scheduler's too
+    batch.client().begin_delete_pool(kept_id, polling_interval=0.1).result(timeout=60)
+
+
 def test_a_dropped_connection_is_survived_and_the_map_goes_on(
     batch: BatchEmulator, pool: cloudmap.Pool
 ) -> None:
