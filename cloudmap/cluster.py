@@ -1,10 +1,12 @@
 """Cluster glue: the pool's Dask scheduler and client, and the few questions cloudmap asks them.
 
-The scheduler runs in the client's process, on Dask's event-loop thread; slots (one Dask
-worker process with one thread each) connect to it from the nodes. Nothing here knows how
-nodes are made. Above this layer nobody sees Dask: tasks are :class:`TaskHandle` objects,
-and a task lost with its slot comes back as a :class:`~cloudmap.failures.TaskLoss`. The
-scheduler's side of it is :mod:`cloudmap.scheduler_plugin`.
+The scheduler runs in the client's process, on Dask's event-loop thread, or, for clients
+outside the pool's network, on a pool node that the client connects out to (decision
+0008); slots (one Dask worker process with one thread each) connect to it from the nodes.
+Nothing here knows how nodes are made. Above this layer nobody sees Dask: tasks are
+:class:`TaskHandle` objects, and a task lost with its slot comes back as a
+:class:`~cloudmap.failures.TaskLoss`. The scheduler's side of it is
+:mod:`cloudmap.scheduler_plugin`.
 """
 
 from __future__ import annotations
@@ -324,10 +326,8 @@ class DaskCluster:
     def mark_lost(self, node_id: str) -> None:
         """Remember the slots of a node about to be killed by its provider, so that the
         tasks they held are known as lost with the node, not as crashes."""
-        try:
+        with contextlib.suppress(Exception):  # closing: no task is waiting for a verdict
             self._ask(on_scheduler.evict_node, node_id)
-        except Exception:  # the scheduler is closing: no task is waiting for a verdict
-            return
 
     def drain(self, node_id: str) -> None:
         """Give a node's slots no new task and move the tasks queued on them elsewhere;
