@@ -5,8 +5,11 @@ must end both sides itself (decision 0007)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -16,10 +19,20 @@ from cloudmap.node.mpi_spec import MpiSpec, RunNode
 
 pytest.importorskip("mpi4py", reason="install the cloudmap[mpi] extra")
 
+T = TypeVar("T")
+
 
 def _spec(run_id: str) -> MpiSpec:
     nodes = (RunNode("node-a", "127.0.0.1", "tcp://x:1"), RunNode("node-b", "127.0.0.1", ""))
     return MpiSpec(run_id=run_id, nodes=nodes, ranks_per_node=1, command="sleep 30")
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Await ``coroutine`` on an event loop of its own, in a thread of its own: on a slot
+    these run on the worker's loop, and a test earlier in the session may leave a loop
+    running in the main thread, where ``asyncio.run`` refuses to start another."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
 
 
 def _alive(pid: int) -> bool:
@@ -46,7 +59,7 @@ def test_mpiexec_whose_proxies_never_connect_is_killed(
         outcome = await mpi_launch.watch_launcher(spec, directories)
         return {**started, **outcome}, pid, time.monotonic() - began
 
-    outcome, pid, took = asyncio.run(scenario())
+    outcome, pid, took = run(scenario())
     assert len(outcome["lines"]) == 2  # type: ignore[arg-type]
     assert outcome["exit_code"] == -9 and not outcome["timed_out"]
     assert took < 5, "mpiexec outlived its proxies' deadline"
@@ -65,7 +78,7 @@ def test_a_proxy_that_cannot_reach_mpiexec_gives_up_and_is_killed(
         "--usize -1 --pmi-port 0 --proxy-id 1"
     )
     began = time.monotonic()
-    problem = asyncio.run(mpi_proxy.start_proxy(spec, 1, line, str(tmp_path)))
+    problem = run(mpi_proxy.start_proxy(spec, 1, line, str(tmp_path)))
     assert problem is not None and "could not join mpiexec at 127.0.0.1:9" in problem
     assert "mpi=True" in problem
     assert time.monotonic() - began < 8
@@ -74,5 +87,5 @@ def test_a_proxy_that_cannot_reach_mpiexec_gives_up_and_is_killed(
 
 
 def test_a_line_that_is_not_a_proxy_is_refused(tmp_path: Path) -> None:
-    problem = asyncio.run(mpi_proxy.start_proxy(_spec("odd"), 0, "rm -rf /", str(tmp_path)))
+    problem = run(mpi_proxy.start_proxy(_spec("odd"), 0, "rm -rf /", str(tmp_path)))
     assert problem is not None and "does not understand" in problem
