@@ -18,14 +18,17 @@ from .samples import ScalingSample
 
 @dataclass(frozen=True)
 class NodePrices:
-    """The price of one node for one hour, dedicated and spot, in ``currency``."""
+    """The price of one node for one hour, dedicated and spot, in ``currency``;
+    ``overhead``, what the pool costs per hour beyond its nodes (an Azure pool whose
+    scheduler runs on a VM of its own adds that VM: the provider sets it)."""
 
     dedicated: float
     spot: float
     currency: str = "USD"
+    overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("dedicated", "spot"):
+        for name in ("dedicated", "spot", "overhead"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -36,8 +39,8 @@ class NodePrices:
                 raise InputError(f"NodePrices({name}={value!r}) is not valid: pass a price >= 0")
 
     def per_hour(self, dedicated: int, spot: int) -> float:
-        """What ``dedicated`` plus ``spot`` nodes cost for an hour."""
-        return dedicated * self.dedicated + spot * self.spot
+        """What ``dedicated`` plus ``spot`` nodes cost for an hour, with the overhead."""
+        return dedicated * self.dedicated + spot * self.spot + self.overhead
 
 
 def spend(history: Sequence[ScalingSample], prices: NodePrices) -> float:

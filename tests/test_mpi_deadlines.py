@@ -77,13 +77,15 @@ def test_a_proxy_that_cannot_reach_mpiexec_gives_up_and_is_killed(
         "127.0.0.1:9 --rmk user --launcher manual --demux poll --pgid 0 --retries 10 "
         "--usize -1 --pmi-port 0 --proxy-id 1"
     )
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # other tests' too
     began = time.monotonic()
     problem = run(mpi_proxy.start_proxy(spec, 1, line, str(tmp_path)))
     assert problem is not None and "could not join mpiexec at 127.0.0.1:9" in problem
     assert "mpi=True" in problem
     assert time.monotonic() - began < 8
     assert not mpi_proxy._proxies
-    assert not [p for p in psutil.Process().children(recursive=True) if _alive(p.pid)]
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in started if _alive(p.pid)]
 
 
 def test_a_line_that_is_not_a_proxy_is_refused(tmp_path: Path) -> None:

@@ -62,7 +62,14 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchEmulator]:
 def remote_pool(**options: Any) -> cloudmap.Pool:
     return cloudmap.Pool(
         "azure",
-        **{"nodes": 2, "scheduler": "node", "allow_from": HERE, "start_timeout": 60, **options},
+        **{
+            "nodes": 2,
+            "scheduler": "node",
+            "allow_from": HERE,
+            "start_timeout": 60,
+            "prices": cloudmap.NodePrices(dedicated=0.2, spot=0.05),
+            **options,
+        },
     )
 
 
@@ -147,6 +154,8 @@ def test_submit_progress_jobs_mpi_widgets_and_resize_work_through_it(
     assert pool.submit(square, 7).result(timeout=30) == 49
     widget = pool.widget()
     assert widget.refresh() and widget.snapshot is not None
+    # The scheduler's VM is billed too: 2 nodes and it.
+    assert widget.snapshot.cost_per_hour == pytest.approx(0.6)
     assert "2" in widget.header.value
     recorder = Recorder()
     assert pool.map(slow_square, range(12), progress=recorder) == [x * x for x in range(12)]

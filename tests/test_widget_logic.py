@@ -102,6 +102,10 @@ def test_spend_bills_each_sample_until_the_next() -> None:
     assert spend(history, prices) == pytest.approx(2.5)
     assert spend(history[:1], prices) == 0.0
     assert prices.per_hour(3, 4) == 4.0
+    # A pool that pays for one more VM than its nodes (Azure's scheduler on a node).
+    with_scheduler = NodePrices(dedicated=1.0, spot=0.25, overhead=1.0)
+    assert spend(history, with_scheduler) == pytest.approx(3.5)
+    assert with_scheduler.per_hour(0, 0) == 1.0
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), "1", True])

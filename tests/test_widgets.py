@@ -55,7 +55,8 @@ def test_pool_widget_shows_nodes_targets_slots_tasks_and_cost(pool: cloudmap.Poo
     assert snap.spent is not None and snap.spent > 0
     assert 'data-state="idle" data-kind="dedicated">2<' in widget.table.value
     assert 'data-cost-per-hour="1.0000"' in widget.work.value
-    # The chart draws the scaling history: 2 nodes, target 2.
+    # The chart draws the scaling history (one sample a second): 2 nodes, target 2.
+    wait_until(lambda: len(widget.chart.nodes.y[0]) >= 3)
     assert list(widget.chart.nodes.y[0][-3:]) == [2, 2, 2]
     assert list(widget.chart.target.y[-3:]) == [2, 2, 2]
 

@@ -579,7 +579,11 @@ class AzureBatchProvider(Provider):
         return self.settings.vm_size
 
     def prices(self) -> NodePrices | None:
-        return self._prices
+        """The prices given, plus the scheduler's VM (a dedicated one) as an overhead."""
+        if self._prices is None or not self.hosts_scheduler:
+            return self._prices
+        extra = self._prices.overhead + self._prices.dedicated
+        return dataclasses.replace(self._prices, overhead=extra)
 
 
 def _request(operation: str, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
