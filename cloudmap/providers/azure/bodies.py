@@ -100,6 +100,22 @@ def scheduler_node_config(tls: dict[str, str], port: int, pool_id: str) -> str:
     return base64.b64encode(json.dumps(config).encode()).decode()
 
 
+def scheduler_pool_body(
+    spec: PoolSpec,
+    settings: AzureSettings,
+    *,
+    pool_id: str,
+    tls: dict[str, str],
+    shipped: ShippedEnvironment | None,
+) -> dict[str, Any]:
+    """The first "add pool" body of a pool whose scheduler runs on a node: that node
+    alone, with the scheduler's start task (the slots' one replaces it once it listens)."""
+    config = scheduler_node_config(tls, settings.backend_port, pool_id)
+    return pool_body(
+        spec, settings, pool_id=pool_id, config=config, shipped=shipped, targets=(1, 0)
+    )
+
+
 def scheduler_endpoint(settings: AzureSettings) -> dict[str, Any]:
     """Batch's ``endpointConfiguration`` for a scheduler on a node: one inbound NAT pool
     from the pool's public address to the scheduler's port, open only to ``allow_from``

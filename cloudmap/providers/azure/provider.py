@@ -157,9 +157,8 @@ class AzureBatchProvider(Provider):
             body = bodies.pool_body(spec, settings, pool_id=pool_id, config=config, shipped=shipped)
             requests = [_request("create_pool", "POST", "/pools", body)]
         else:
-            config = bodies.scheduler_node_config({}, settings.backend_port, pool_id)
-            first = bodies.pool_body(
-                spec, settings, pool_id=pool_id, config=config, shipped=shipped, targets=(1, 0)
+            first = bodies.scheduler_pool_body(
+                spec, settings, pool_id=pool_id, tls={}, shipped=shipped
             )
             address = f"tls://<the scheduler node's private IP>:{settings.backend_port}"
             config = bodies.node_config(node_spec, address, {}, pool_id)
@@ -240,14 +239,8 @@ class AzureBatchProvider(Provider):
             return
         # The scheduler's node first, alone; then the slots' start task, and the targets
         # (cloudmap.providers.azure.scheduler_node).
-        config = bodies.scheduler_node_config(self.tls, self.settings.backend_port, self.pool_id)
-        body = bodies.pool_body(
-            self.spec,
-            self.settings,
-            pool_id=self.pool_id,
-            config=config,
-            shipped=self.shipped,
-            targets=(1, 0),
+        body = bodies.scheduler_pool_body(
+            self.spec, self.settings, pool_id=self.pool_id, tls=self.tls, shipped=self.shipped
         )
         self._create_or_attach(body, (0, 0))
         self.scheduler_node = wait_for_scheduler_node(
