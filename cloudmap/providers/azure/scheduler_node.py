@@ -16,11 +16,11 @@ counted, removed or preempted by cloudmap, and its loss ends the pool with a cle
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import PoolStartError
+from ...loops import poll_until
 from .states import provider_state
 
 #: Seconds between looks at the scheduler's node while it starts.
@@ -53,8 +53,8 @@ def wait_for_scheduler_node(
     """Wait until the pool's one node has started the scheduler; raise
     :class:`~cloudmap.PoolStartError` with its start task's output if it could not, or
     with Batch's resize errors if Batch could not allocate it."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def started() -> SchedulerNode | None:
         nodes = list(client.list_nodes(pool_id))
         for node in nodes:
             state = provider_state(node.state)
@@ -77,13 +77,18 @@ def wait_for_scheduler_node(
                     + ". The pool was removed.",
                     [],
                 )
-        if time.monotonic() > deadline:
-            raise PoolStartError(
-                f"the node for the pool's scheduler did not start within {timeout:g} s; "
-                "the pool was removed",
-                [],
-            )
-        time.sleep(POLL)
+        return None
+
+    def too_late(_: object) -> PoolStartError:
+        return PoolStartError(
+            f"the node for the pool's scheduler did not start within {timeout:g} s; "
+            "the pool was removed",
+            [],
+        )
+
+    found = poll_until(started, timeout, interval=POLL, on_timeout=too_late)
+    assert found is not None
+    return found
 
 
 def _located(node: Any, backend_port: int) -> SchedulerNode:
