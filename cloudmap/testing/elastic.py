@@ -203,8 +203,10 @@ class ElasticTests:
 
     @requires("spot", "restore", "preempt")
     def test_preempted_node_shows_preempted_then_comes_back(self, harness: ProviderHarness) -> None:
+        # The node stays preempted for three of the scaler's one-second samples, so that the
+        # history shows it even when a loaded machine delays a sample.
         with (
-            harness.restoring(1.0) as restore,
+            harness.restoring(3.0) as restore,
             harness.make_pool(nodes=1, spot_nodes=1, **restore) as pool,
         ):
             pool.wait_for_nodes()
