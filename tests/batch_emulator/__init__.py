@@ -11,7 +11,8 @@ node's start task as a real local process group under ``root/<pool>/<node>/``::
         batch.preempt(pool_id, node_id)   # admin helpers act directly, not over HTTP
 
 Modules: ``server`` (HTTP, routing, authentication, paging), ``state`` (pools, nodes and
-their state machines), ``nodes`` (node directories and processes).
+their state machines), ``nodes`` (node directories and processes), ``traffic`` (the request
+log, and the 429 / 503 answers a test asks for).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 from .endpoints import Connection
 from .server import API_VERSION, BatchServer
 from .state import AUTOSCALE_RESIZE_CONFLICT, CORES_PER_VM_SIZE, NODE_HOST_VARIABLE, Account
+from .traffic import Request
 
 __all__ = [
     "API_VERSION",
@@ -35,6 +38,7 @@ __all__ = [
     "DEFAULT_KEY",
     "NODE_HOST_VARIABLE",
     "BatchEmulator",
+    "Request",
     "running_batch_emulator",
 ]
 
@@ -115,6 +119,46 @@ class BatchEmulator:
         """The node's root directory ($AZ_BATCH_NODE_ROOT_DIR)."""
         return self._account.root / pool_id / node_id
 
+    def add_fake_nodes(
+        self, pool_id: str, count: int, *, state: str = "idle", dedicated: bool = True
+    ) -> list[str]:
+        """Put ``count`` node records in the pool, as if a resize had allocated them, and
+        raise its target of that kind to match; returns their ids. They run no process and
+        keep ``state`` (idle, running, creating, starting, starttaskfailed, unusable or
+        preempted) until removed, so a test can list a pool of 1,000 nodes at no cost."""
+        return self._account.add_fake_nodes(pool_id, count, state, dedicated)
+
+    # Traffic: what clients asked, and Batch pushing back.
+
+    def refuse_next(
+        self, operation: str, count: int = 1, *, status: int = 429, retry_after: float | None = 1
+    ) -> None:
+        """Refuse the next ``count`` requests of ``operation`` (named as the SDK's method:
+        ``list_nodes``, ``get_pool``, ``remove_nodes``, ...) with ``status``: 429
+        ``TooManyRequests`` or 503 ``ServerBusy``, with a ``Retry-After`` header of
+        ``retry_after`` seconds unless it is None. Plans for one operation queue up."""
+        self._server.traffic.refuse_next(operation, count, status=status, retry_after=retry_after)
+
+    def limit_rate(
+        self, per_second: float | None, *, status: int = 503, retry_after: float | None = None
+    ) -> None:
+        """Under load: refuse every request beyond ``per_second`` within the last second
+        (503 ``ServerBusy`` by default); None lifts the limit."""
+        self._server.traffic.limit_rate(per_second, status=status, retry_after=retry_after)
+
+    def requests(self, operation: str | None = None) -> list[Request]:
+        """Every authenticated request so far (or those of one operation), in order, with
+        the status it was refused with, if it was."""
+        return self._server.traffic.requests(operation)
+
+    def request_counts(self) -> Counter[str]:
+        """Requests so far by operation, refused ones included."""
+        return self._server.traffic.counts()
+
+    def clear_requests(self) -> None:
+        """Forget the requests so far (refusals still planned stay planned)."""
+        self._server.traffic.clear()
+
 
 @contextlib.contextmanager
 def running_batch_emulator(
@@ -130,9 +174,10 @@ def running_batch_emulator(
 
     ``root`` holds the nodes' directories. ``quotas`` may set ``dedicated_cores``,
     ``low_priority_cores`` and ``pools`` (unset = unlimited). ``node_start_delay`` is how
-    long each node step (allocation, boot, removal) takes. ``page_size`` caps list pages, small
-    by default so that paging is exercised. On exit every node's process group is killed and
-    waited for and the server stopped, whatever happened inside the block.
+    long each node step (allocation, boot, removal) takes. ``page_size`` caps list pages below
+    Batch's own 1000, small by default so that paging is exercised. On exit every node's
+    process group is killed and waited for and the server stopped, whatever happened inside
+    the block.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

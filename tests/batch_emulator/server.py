@@ -33,8 +33,11 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .state import Account, BatchError, rfc1123, rfc3339
+from .traffic import Traffic, operation
 
 API_VERSION = "2025-06-01"
+#: Batch's default and largest page of a list (``maxresults``) for pools, nodes and files.
+MAX_PAGE = 1000
 JSON_TYPE = "application/json;odata=minimalmetadata"
 
 #: The standard headers, in order, whose values go into the string to sign.
@@ -166,6 +169,8 @@ class BatchServer(ThreadingHTTPServer):
         self.account = account
         self.key = key
         self.page_size = page_size
+        #: The request log and the refusals a test planned (429s, 503s).
+        self.traffic = Traffic()
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
 
@@ -244,6 +249,8 @@ class BatchRequestHandler(BaseHTTPRequestHandler):
         try:
             self._authenticate()
             self._check_api_version()
+            segments = [unquote(s) for s in self.raw_path.split("/")[1:]]
+            self.server.traffic.admit(operation(self.command, segments), self.command, self.path)
             self._route()
         except BatchError as error:
             self._send_error(error)
@@ -347,7 +354,7 @@ class BatchRequestHandler(BaseHTTPRequestHandler):
         }
         if error.values:
             body["values"] = [{"key": k, "value": v} for k, v in error.values.items()]
-        self._send_json(error.status, body)
+        self._send_json(error.status, body, error.headers)
 
     # ------------------------------------------------------------------ routing
 
@@ -572,20 +579,24 @@ class BatchRequestHandler(BaseHTTPRequestHandler):
     def _send_page(self, items: list[dict[str, Any]], key: str, kind: str) -> None:
         """One page of a list, with ``odata.nextLink`` when more items follow.
 
+        As on Batch, a page holds at most ``maxresults`` items (1 to 1000; 1000 when not
+        given, Batch's default and maximum for pools, nodes and node files); the emulator's
+        ``page_size`` may make pages smaller still, as Batch may return fewer than asked.
+
         The link repeats the request's query (so ``$filter``, ``$select`` and ``maxresults``
         carry over; the SDK re-sends every parameter of the link and replaces api-version) and
         adds ``$skiptoken``, an opaque encoding of the last ``key`` returned.
         """
         query = self.query
-        size = self.server.page_size
+        wanted = MAX_PAGE
         if "maxresults" in query:
             try:
                 wanted = int(query["maxresults"])
             except ValueError:
                 wanted = 0
-            if not 1 <= wanted <= 1000:
-                raise _bad_query("maxresults", query["maxresults"], "between 1 and 1000")
-            size = min(size, wanted)
+            if not 1 <= wanted <= MAX_PAGE:
+                raise _bad_query("maxresults", query["maxresults"], f"between 1 and {MAX_PAGE}")
+        size = min(self.server.page_size, wanted)
         if query.get("$filter"):
             keep = parse_filter(query["$filter"])
             items = [item for item in items if keep(item)]

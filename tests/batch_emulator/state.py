@@ -57,6 +57,11 @@ DEFAULT_AUTOSCALE_INTERVAL = "PT15M"
 #: the generic code Batch publishes for "not valid for the current state of the resource".
 AUTOSCALE_RESIZE_CONFLICT = "OperationInvalidForCurrentState"
 
+#: States a node record made by ``add_fake_nodes`` may be put in.
+FAKE_NODE_STATES = frozenset(
+    {"creating", "starting", "idle", "running", "starttaskfailed", "unusable", "preempted"}
+)
+
 _POOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 #: Order in which a shrinking pool gives up its nodes: broken and unfinished ones first.
@@ -84,16 +89,24 @@ _ECHOED = (
 
 
 class BatchError(Exception):
-    """A Batch error response: HTTP status, error code, message and key/value details."""
+    """A Batch error response: HTTP status, error code, message, key/value details and
+    extra response headers (``Retry-After``)."""
 
     def __init__(
-        self, status: int, code: str, message: str, values: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        values: dict[str, str] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.values = values or {}
+        self.headers = headers or {}
 
 
 def cores_of(vm_size: str) -> int:
@@ -168,6 +181,8 @@ class Node:
         self.next_at = now + delay  # when the current timed state ends
         self.start_task_info: dict[str, Any] | None = None
         self.processes: NodeProcesses | None = None
+        #: A record only (``add_fake_nodes``): it keeps its state and runs no process.
+        self.fake = False
 
     def set_state(self, state: str, now: float) -> None:
         if state != self.state:
@@ -754,6 +769,8 @@ class Account:
                 self._advance_resize(pool, now)
 
     def _advance_node(self, node: Node, now: float) -> None:
+        if node.fake and node.state != "leavingpool":
+            return  # a record: it stays as the test put it until it is removed
         if node.state == "creating" and now >= node.next_at:
             node.set_state("starting", now)
             node.boot_time = now
@@ -978,6 +995,40 @@ class Account:
                 node.set_state("idle" if ok else "starttaskfailed", time.time())
 
     # ------------------------------------------------------------------ admin helpers
+
+    def add_fake_nodes(self, pool_id: str, count: int, state: str, dedicated: bool) -> list[str]:
+        with self.lock:
+            pool = self._active_pool(pool_id)
+            if state not in FAKE_NODE_STATES:
+                raise ValueError(
+                    f"state={state!r}: a fake node can be {', '.join(sorted(FAKE_NODE_STATES))}"
+                )
+            if count < 0:
+                raise ValueError(f"count={count}: pass a number of nodes, 0 or more")
+            now = time.time()
+            made = []
+            for _ in range(count):
+                node = Node(pool, dedicated, now, self.delay, self.network.next_address())
+                node.fake = True
+                node.set_state(state, now)
+                node.boot_time = now
+                if state not in ("creating", "starting"):
+                    node.start_task_info = {
+                        "state": "completed",
+                        "startTime": rfc3339(now),
+                        "endTime": rfc3339(now),
+                        "exitCode": 0 if state != "starttaskfailed" else 1,
+                        "result": "success" if state != "starttaskfailed" else "failure",
+                        "retryCount": 0,
+                    }
+                pool.nodes[node.id] = node
+                made.append(node.id)
+            if dedicated:
+                pool.target_dedicated += count
+            else:
+                pool.target_low += count
+            pool.touch(now)
+            return made
 
     def preempt(self, pool_id: str, node_id: str) -> None:
         with self.lock:
