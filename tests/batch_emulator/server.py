@@ -250,7 +250,8 @@ class BatchRequestHandler(BaseHTTPRequestHandler):
             self._authenticate()
             self._check_api_version()
             segments = [unquote(s) for s in self.raw_path.split("/")[1:]]
-            self.server.traffic.admit(operation(self.command, segments), self.command, self.path)
+            kind = operation(self.command, segments)
+            self.server.traffic.admit(kind, self.command, self.path, self.body)
             self._route()
         except BatchError as error:
             self._send_error(error)

@@ -15,11 +15,13 @@ A refused request changes nothing in the account.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Any
 
 from .state import BatchError
 
@@ -73,6 +75,11 @@ class Request:
     method: str
     path: str
     refused: int | None
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The request's JSON body (None without one)."""
+        return json.loads(self.body) if self.body else None
 
 
 @dataclass
@@ -114,7 +121,7 @@ class Traffic:
             self._load_status, self._load_retry_after = status, retry_after
             self._recent.clear()
 
-    def admit(self, op: str, method: str, path: str) -> None:
+    def admit(self, op: str, method: str, path: str, body: bytes = b"") -> None:
         """Log the request; raise the refusal planned for it, if any."""
         now = time.monotonic()
         refusal: tuple[int, float | None] | None = None
@@ -132,7 +139,8 @@ class Traffic:
                 refusal = (self._load_status, self._load_retry_after)
             else:
                 self._recent.append(now)
-            self._log.append(Request(now, op, method, path, refusal[0] if refusal else None))
+            refused = refusal[0] if refusal else None
+            self._log.append(Request(now, op, method, path, refused, body))
         if refusal is not None:
             status, retry_after = refusal
             code, message = THROTTLED if status == 429 else BUSY

@@ -5,6 +5,12 @@ join it over TLS with the pool's own certificates. Each node's start task starts
 cloudmap node agent (``cloudmap.node.batch_boot``), whose slots are the Dask workers.
 Nodes are made, resized and removed through Batch's targets, so Batch's own view of the
 pool (the portal, the CLI) always matches cloudmap's.
+
+What the pool costs Batch does not grow with its size (docs/azure.md, "Large pools"): the
+nodes are read with one paged listing per ``list_interval`` (1000 nodes a page, only the
+properties cloudmap reads), never node by node; removals go 100 ids a request
+(:mod:`.removals`); and a request Batch throttles or is too busy for is retried after a
+backoff, while the pool goes on with what it last saw (:mod:`.throttling`).
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from ...pricing import NodePrices
 from ..base import PoolSpec, Provider
 from . import bodies
 from .auth import default_credential
+from .removals import Removals
 from .scheduler_node import SchedulerNode, wait_for_scheduler_node
 from .settings import FRONTEND_RANGE, AzureSettings
 from .shipping import ShippedEnvironment, check_staging_url, ship
 from .states import provider_state
+from .throttling import Backoff, PushBack, retry_policy, transient
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +63,13 @@ logging.getLogger("azure.batch._utils.model_base").addFilter(_UnreadErrorBodyNoi
 API_VERSION = "2025-06-01"
 #: The node agent's root under a Batch node's root directory (see cloudmap.node.batch_boot).
 NODE_SUBDIRECTORY = "cloudmap"
-#: Node ids Batch takes in one "remove nodes" request.
-MAX_REMOVALS = 100
-#: Seconds a node listing is reused: the pool asks often (waits poll every 50 ms).
-LIST_CACHE_SECONDS = 0.25
+#: Nodes per page of a listing: Batch's default and largest ``maxresults`` for nodes.
+LIST_PAGE = 1000
+#: The node properties cloudmap reads from a listing (``$select``): a page stays small.
+LISTED_PROPERTIES = ["id", "state", "isDedicated", "stateTransitionTime", "startTaskInfo"]
+#: Nodes whose start task output one listing fetches at most (two or four small files
+#: each, once per node): the rest are fetched by the next listings, failed ones first.
+OUTPUTS_PER_LISTING = 8
 #: Seconds to wait for Batch to show a node whose slots died as preempted or gone.
 TAKEN_WINDOW = 0.3
 #: Batch states of a node whose VM was taken from the pool.
@@ -76,7 +87,8 @@ class AzureBatchProvider(Provider):
     ``python=``, ``install=``, ``staging_url=`` (ship this cloudmap and the client's
     versions through a blob container: cloudmap.environment), ``scheduler_host=``,
     ``scheduler_port=``, ``resize_timeout=``, ``subnet_id=``, ``mpi=``,
-    ``request_timeout=``, ``prices=cloudmap.NodePrices(...)``.
+    ``request_timeout=``, ``list_interval=``, ``retries=``, ``backoff=``, ``backoff_max=``,
+    ``prices=cloudmap.NodePrices(...)``.
     Each setting not given comes from Dask's configuration (``cloudmap.azure.*``), then
     azure.yaml.
     """
@@ -108,12 +120,29 @@ class AzureBatchProvider(Provider):
                 "https://<account>.<region>.batch.azure.com), or cloudmap.azure.account_url "
                 "in Dask's configuration"
             )
-        self._client = client if client is not None else _make_client(self.settings, credential)
+        #: Batch's refusals (429, 503), logged once per spell.
+        self.push_back = PushBack()
+        self._client = (
+            client
+            if client is not None
+            else _make_client(self.settings, credential, self.push_back)
+        )
         self.pool_id = self.settings.pool_id or f"cloudmap-{uuid.uuid4().hex[:12]}"
         self._created = False
         self._closed = False
         self._lock = threading.Lock()
+        self._list_lock = threading.Lock()  # one listing at a time, shared by every caller
         self._listed: tuple[float, list[ProviderNode]] = (0.0, [])
+        self._list_backoff = Backoff(self.settings.backoff, self.settings.backoff_max)
+        #: Every node of the last listing, hidden ones too, in cloudmap's provider states.
+        self._states: dict[str, str] | None = None
+        self._removals = Removals(
+            self._client,
+            self.pool_id,
+            backoff=Backoff(self.settings.backoff, self.settings.backoff_max),
+            deadline=float(self.settings.resize_timeout),
+            still_listed=self._still_listed,
+        )
         self._outputs: dict[str, StartTaskInfo] = {}
         self._removed: set[str] = set()  # node ids (Batch never reuses one)
         #: The client's environment as shipped to the nodes (``staging_url=``), once started.
@@ -319,7 +348,6 @@ class AzureBatchProvider(Provider):
         client's start task (scheduler address, certificates), then replace its nodes,
         whose agents still serve the old client, with fresh ones at this pool's targets.
         An attached pool is kept when this client closes, as it was found."""
-        from azure.batch import models
 
         tags = {item.name: item.value for item in (pool.metadata or [])}
         if bodies.TAG not in tags:
@@ -330,13 +358,12 @@ class AzureBatchProvider(Provider):
         self._replace_start_task(body)
         self._created = True
         self.settings = dataclasses.replace(self.settings, keep_pool=True)
-        old = [node.id for node in self._client.list_nodes(self.pool_id)]
-        if old:
-            self._client.begin_remove_nodes(
-                self.pool_id,
-                models.BatchNodeRemoveOptions(bodies.remove_body(old)),
-                polling_interval=0.5,
-            ).result(timeout=self.settings.resize_timeout)
+        old = [
+            node.id
+            for node in self._client.list_nodes(self.pool_id, max_results=LIST_PAGE, select=["id"])
+        ]
+        self._removals.remove(old)
+        self._removals.wait(self.settings.resize_timeout)
         self._resize(targets)
 
     def close(self) -> None:
@@ -344,6 +371,7 @@ class AzureBatchProvider(Provider):
             if self._closed:
                 return
             self._closed = True
+        self._removals.stop()
         if not self._created:
             return
         for node in self._list(fresh=True):
@@ -397,29 +425,18 @@ class AzureBatchProvider(Provider):
             self._resize(wanted)
 
     def remove_nodes(self, node_ids: Sequence[str]) -> None:
-        from azure.batch import models
-
+        """Remove nodes, :data:`~.removals.MAX_REMOVALS` ids a request, one request after
+        the other (:mod:`.removals`): the first now, the rest in the background."""
         ids = list(node_ids)
         if not ids:
             return
         for node_id in ids:
             self.events.lost(node_id)
         self._removed.update(ids)
-        for start in range(0, len(ids), MAX_REMOVALS):  # Batch takes 100 ids per request
-            options = models.BatchNodeRemoveOptions(
-                bodies.remove_body(ids[start : start + MAX_REMOVALS])
-            )
-            try:
-                self._client.begin_remove_nodes(self.pool_id, options)
-            except Exception as exc:
-                if _status(exc) == 409:  # Batch removes nodes only from a steady pool
-                    self._client.begin_stop_pool_resize(self.pool_id, polling_interval=0.2).result(
-                        timeout=60
-                    )
-                    self._client.begin_remove_nodes(self.pool_id, options)
-                elif _status(exc) != 404:
-                    raise
-        self._listed = (0.0, [])
+        with self._list_lock:  # the next listing is fresh; until then they are gone
+            _, nodes = self._listed
+            self._listed = (0.0, [n for n in nodes if n.id not in self._removed])
+        self._removals.remove(ids)
 
     def _scheduler_nodes(self) -> int:
         """Nodes Batch's dedicated target holds beyond the pool's: the scheduler's."""
@@ -443,25 +460,63 @@ class AzureBatchProvider(Provider):
         return self._list()
 
     def _list(self, fresh: bool = False) -> list[ProviderNode]:
+        """The pool's nodes: one paged listing per ``list_interval`` at most, shared by
+        every caller; while Batch pushes back, what it last said (see :mod:`.throttling`).
+        A caller that finds another's listing under way (which may be waiting out a
+        Retry-After) gets the last one rather than wait, unless there is none yet."""
         taken, nodes = self._listed
-        now = time.monotonic()
-        if not fresh and now - taken < LIST_CACHE_SECONDS:
+        if not fresh and time.monotonic() - taken < self.settings.list_interval:
             return nodes
-        if self._closed or not self._created:
-            return []
-        # Nodes on their way out are gone for the pool, as the local provider's are at
-        # once: those cloudmap removed (Batch lists them a while longer) and any Batch shows
-        # leaving the pool. Counting them would make the pool remove or replace them again.
-        listed = list(self._client.list_nodes(self.pool_id))
-        self._check_scheduler(listed)
-        hidden = self._removed | ({self.scheduler_node.node_id} if self.scheduler_node else set())
-        nodes = [
-            self._node(n)
-            for n in listed
-            if n.id not in hidden and provider_state(n.state) != "leaving"
-        ]
-        self._listed = (now, nodes)
-        return nodes
+        if not self._list_lock.acquire(blocking=fresh or self._states is None):
+            return nodes
+        try:
+            taken, nodes = self._listed
+            if not fresh and time.monotonic() - taken < self.settings.list_interval:
+                return nodes
+            if self._closed or not self._created:
+                return []
+            if not self._list_backoff.ready():
+                return nodes
+            try:
+                listed = list(
+                    self._client.list_nodes(
+                        self.pool_id, max_results=LIST_PAGE, select=LISTED_PROPERTIES
+                    )
+                )
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                self.push_back.refused(describe_error(exc))
+                wait = self._list_backoff.failed()
+                logger.debug("cloudmap: listing nodes failed (%s); next try in %.1f s", exc, wait)
+                return nodes
+            self._list_backoff.succeeded()
+            self.push_back.answered()
+            self._states = {n.id: provider_state(n.state) for n in listed}
+            self._check_scheduler(listed)
+            # Nodes on their way out are gone for the pool, as the local provider's are at
+            # once: those cloudmap removed (Batch lists them a while longer) and any Batch
+            # shows leaving the pool. Counting them would make the pool remove or replace
+            # them again.
+            hidden = self._removed | (
+                {self.scheduler_node.node_id} if self.scheduler_node else set()
+            )
+            kept = [
+                n for n in listed if n.id not in hidden and provider_state(n.state) != "leaving"
+            ]
+            self._fetch_outputs(kept)
+            nodes = [self._node(n) for n in kept]
+            self._listed = (time.monotonic(), nodes)  # the interval runs from the answer
+            return nodes
+        finally:
+            self._list_lock.release()
+
+    def _still_listed(self, node_ids: list[str]) -> list[str]:
+        """Those of ``node_ids`` that Batch lists now (for a removal some of whose nodes
+        were already gone)."""
+        listed = self._client.list_nodes(self.pool_id, max_results=LIST_PAGE, select=["id"])
+        present = {n.id for n in listed}
+        return [i for i in node_ids if i in present]
 
     def _check_scheduler(self, listed: list[Any]) -> None:
         """A pool whose scheduler's node is gone fails at once, loudly (decision 0008)."""
@@ -473,12 +528,28 @@ class AzureBatchProvider(Provider):
             logger.error("cloudmap: %s; the pool cannot go on", reason)
             self.events.scheduler_lost(reason)
 
+    def _wants_output(self, node: Any) -> bool:
+        state = provider_state(node.state)
+        return state == "start_failed" or (state == "ready" and self.spec.start_task is not None)
+
+    def _fetch_outputs(self, listed: list[Any]) -> None:
+        """Fetch the start task output of at most :data:`OUTPUTS_PER_LISTING` nodes that
+        need it and lack it, failed ones first: a pool that grows by 1,000 nodes does not
+        cost 2,000 downloads in one poll."""
+        wanted = [n for n in listed if n.id not in self._outputs and self._wants_output(n)]
+        wanted.sort(key=lambda n: provider_state(n.state) != "start_failed")
+        for node in wanted[:OUTPUTS_PER_LISTING]:
+            try:
+                self._start_task_output(node)
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                return  # Batch pushes back: the next listing tries again
+
     def _node(self, node: Any) -> ProviderNode:
         state = provider_state(node.state)
         since = node.state_transition_time or datetime.now(timezone.utc)
-        info = None
-        if state == "start_failed" or (state == "ready" and self.spec.start_task is not None):
-            info = self._outputs.get(node.id) or self._start_task_output(node)
+        info = self._outputs.get(node.id) if self._wants_output(node) else None
         return ProviderNode(
             id=node.id,
             state=state,
@@ -523,15 +594,22 @@ class AzureBatchProvider(Provider):
 
     def node_taken(self, node_id: str) -> bool:
         """Batch marks a node preempted (or leaving, or gone) after its VM is taken: look
-        for that for up to :data:`TAKEN_WINDOW` seconds before calling a lost slot a crash."""
+        for that for up to :data:`TAKEN_WINDOW` seconds before calling a lost slot a crash.
+        It reads the pool's listings, not the node: slots lost on many nodes at once (a
+        wave of preemptions) cost no request more than the listing."""
 
         def answer() -> str:
             """ "taken" or "unknown" once Batch has said, "" to look again."""
             try:
-                node = self._client.get_node(self.pool_id, node_id)
-            except Exception as exc:
-                return "taken" if _status(exc) == 404 else "unknown"
-            return "taken" if provider_state(node.state) in TAKEN_STATES else ""
+                self._list()
+            except Exception:
+                return "unknown"
+            states = self._states
+            if states is None:
+                return "unknown"
+            if node_id not in states:
+                return "taken"  # Batch no longer lists it
+            return "taken" if states[node_id] in TAKEN_STATES else ""
 
         return poll_until(answer, TAKEN_WINDOW, interval=0.2) == "taken"
 
@@ -584,7 +662,7 @@ def _request(operation: str, method: str, path: str, body: dict[str, Any]) -> di
     return {"operation": operation, "method": method, "path": path, "body": bodies.redacted(body)}
 
 
-def _make_client(settings: AzureSettings, credential: Any) -> Any:
+def _make_client(settings: AzureSettings, credential: Any, push_back: PushBack) -> Any:
     from azure.batch import BatchClient
 
     if credential is None:
@@ -594,6 +672,12 @@ def _make_client(settings: AzureSettings, credential: Any) -> Any:
         credential=credential,
         connection_timeout=settings.request_timeout,
         read_timeout=settings.request_timeout,
+        retry_policy=retry_policy(
+            retries=settings.retries,
+            backoff=settings.backoff,
+            backoff_max=settings.backoff_max,
+            push_back=push_back,
+        ),
     )
 
 

@@ -59,6 +59,10 @@ class AzureSettings:
     allow_anywhere: bool = False  # let allow_from hold 0.0.0.0/0
     frontend_port: int = 40000  # first public port of the scheduler's NAT endpoint
     reconnect_timeout: float = 300  # seconds a client may be cut off from it
+    list_interval: float = 0.25  # seconds between node listings (one paged listing each)
+    retries: int = 6  # retries of one request that Batch throttled (429) or was busy (503)
+    backoff: float = 0.5  # seconds before the first retry; doubles each time, jittered
+    backoff_max: float = 30  # the longest wait between retries (a Retry-After may be longer)
 
     @property
     def scheduler_on_node(self) -> bool:
@@ -117,10 +121,22 @@ class AzureSettings:
                 "https://<account>.<region>.batch.azure.com"
             )
         self._check_scheduler()
-        for name in ("resize_timeout", "request_timeout", "reconnect_timeout"):
+        for name in (
+            "resize_timeout",
+            "request_timeout",
+            "reconnect_timeout",
+            "list_interval",
+            "backoff",
+            "backoff_max",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InputError(f"{name}={value!r} is not valid: pass seconds > 0")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise InputError(
+                f"retries={self.retries!r} is not valid: pass how many times to retry a "
+                "request Batch throttled or was too busy for (0 or more)"
+            )
 
     def _check_scheduler(self) -> None:
         if self.scheduler not in (None, "client", "node"):
