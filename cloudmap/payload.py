@@ -27,13 +27,21 @@ STARTED_TOPIC = "cloudmap-started"  # a task began on this slot (so a death can 
 
 
 class Batch(NamedTuple):
-    """What one task runs: ``items[i]`` is input item number ``indices[i]``."""
+    """What one task runs: ``items[i]`` is input item number ``indices[i]``.
+
+    The slot only iterates and indexes ``items``, so any sequence works there (a slice of a
+    ``range`` input travels as three numbers). With a ``budget`` (seconds), the slot starts no
+    new item once the batch has run that long, and reports how many it completed; the map
+    engine sends the rest again. A batch whose size is still a guess can then be large
+    without risking a long task: this is how the first batches of a map may be big.
+    """
 
     call: int
     seed: int | None
     timeout: float | None
     indices: range | list[int]
     items: list[Any]
+    budget: float | None = None
 
 
 @dataclass

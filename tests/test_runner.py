@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from cloudmap import RemoteException
@@ -19,8 +20,14 @@ from cloudmap.payload import (
 from cloudmap.seeding import item_rng
 
 
-def run(fn: Any, items: list[Any], call: int = CALL_ONE, seed: int | None = None) -> Any:
-    batch = Batch(call, seed, None, range(10, 10 + len(items)), items)
+def run(
+    fn: Any,
+    items: Any,
+    call: int = CALL_ONE,
+    seed: int | None = None,
+    budget: float | None = None,
+) -> Any:
+    batch = Batch(call, seed, None, range(10, 10 + len(items)), items, budget)
     return load_result(run_batch(dump_function(fn), dump_batch(batch)))
 
 
@@ -80,3 +87,49 @@ def test_unpicklable_exception_is_sent_as_text() -> None:
     rebuilt = error.exception()
     assert isinstance(rebuilt, RemoteException)
     assert "custom failure" in str(rebuilt)
+
+
+def test_a_range_of_items_is_run_as_it_is() -> None:
+    assert run(abs, range(-3, 0)).values == [3, 2, 1]
+
+
+def slow_identity(x: int) -> int:
+    CALLS.append(x)
+    time.sleep(0.02)
+    return x
+
+
+def test_a_budget_stops_starting_items_and_says_how_many_completed() -> None:
+    CALLS.clear()
+    result = run(slow_identity, list(range(50)), budget=0.1)
+    assert 2 <= result.completed < 20
+    assert result.values[: result.completed] == list(range(result.completed))
+    assert CALLS == list(range(result.completed))  # none started past the budget
+
+
+def test_a_spent_budget_still_runs_one_item() -> None:
+    result = run(abs, [-1, -2], budget=0.0)
+    assert result.completed == 1
+    assert result.values[0] == 1
+
+
+def test_tiny_items_within_their_budget_all_run() -> None:
+    result = run(abs, range(-100_000, 0), budget=5.0)
+    assert result.completed == 100_000
+    assert result.values == list(range(100_000, 0, -1))
+
+
+def test_under_a_budget_a_failing_item_keeps_its_neighbours() -> None:
+    CALLS.clear()
+    result = run(record_and_fail_on_two, [1, 2, 3, 4], budget=5.0)
+    assert result.completed == 4
+    assert list(result.errors) == [1]
+    assert [result.values[i] for i in (0, 2, 3)] == [1, 3, 4]
+    assert CALLS == [1, 2, 3, 4]
+
+
+def test_under_a_budget_the_careful_loop_stops_too() -> None:
+    CALLS.clear()
+    result = run(lambda x, rng: slow_identity(x), list(range(50)), seed=1, budget=0.1)
+    assert 2 <= result.completed < 20
+    assert CALLS == list(range(result.completed))

@@ -11,6 +11,7 @@ starts a fresh slot process in its place.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -37,6 +38,10 @@ from ..payload import (
 TIMEOUT_EXIT_CODE = 75
 #: How often a long batch checks whether its task was cancelled (Ctrl-C on the client).
 CANCEL_CHECK_SECONDS = 0.05
+#: Under a budget, tiny items are called in runs between clock checks: a run doubles (up to
+#: BUDGET_RUN_MAX items) while it takes less than BUDGET_CHECK_SECONDS.
+BUDGET_CHECK_SECONDS = 0.001
+BUDGET_RUN_MAX = 4096
 
 _functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 _functions_lock = threading.Lock()
@@ -61,14 +66,17 @@ def load_function(fn_blob: bytes) -> Callable[..., Any]:
 def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
     """The Dask task of every map, imap and submit: run one batch, return one result blob."""
     started = time.perf_counter()
-    batch = load_batch(batch_blob)
     context = _TaskContext.current()
     # Before any user code can end the process, the scheduler must know that this task
-    # started here (and that the previous one finished): see _TaskContext.send_now.
-    context.send_now(
+    # started here (and that the previous one finished): see _TaskContext.send_soon. The
+    # event is on its way while the batch is unpickled; it is waited for before the function
+    # is loaded and called.
+    written = context.send_soon(
         STARTED_TOPIC,
         {"key": str(context.key), "worker": context.address, "run_id": context.run_id()},
     )
+    batch = load_batch(batch_blob)
+    written.wait()
     try:
         fn = load_function(fn_blob)
     except BaseException as exc:  # the function's module may be missing on the node
@@ -76,14 +84,19 @@ def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
         errors = dict.fromkeys(range(len(batch.items)), error)
         values: list[Any] = [None] * len(batch.items)
         return dump_result(BatchResult(context.worker, 0.0, values, errors, len(values)))
-    values, errors, completed = _call_items(fn, batch, context)
+    deadline = None if batch.budget is None else started + batch.budget
+    values, errors, completed = _call_items(fn, batch, context, deadline)
     elapsed = time.perf_counter() - started
     return dump_result(BatchResult(context.worker, elapsed, values, errors, completed))
 
 
 def _call_items(
-    fn: Callable[..., Any], batch: Any, context: _TaskContext
+    fn: Callable[..., Any], batch: Any, context: _TaskContext, deadline: float | None = None
 ) -> tuple[list[Any], dict[int, RemoteError], int]:
+    """Call ``fn`` on the batch's items: (values, errors by position, items completed).
+
+    Past ``deadline`` (``time.perf_counter``), no new item is started.
+    """
     items = batch.items
     count = len(items)
     values: list[Any] = []
@@ -95,19 +108,24 @@ def _call_items(
         # item is ever called twice.
         append = values.append
         try:
-            for item in items:
-                append(fn(item))
+            if deadline is None:
+                for item in items:
+                    append(fn(item))
+            else:
+                _call_until(fn, items, append, deadline)
         except BaseException as exc:
             errors[len(values)] = RemoteError.from_exception(exc)
             append(None)
         else:
-            return values, errors, count
+            return values, errors, len(values)
     start = len(values)
     values.extend([None] * (count - start))
     rng_for = _rng_factory(batch.seed)
     watchdog = _Watchdog.shared() if batch.timeout is not None else None
     next_cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
     for position in range(start, count):
+        if deadline is not None and position > 0 and time.perf_counter() >= deadline:
+            return values, errors, position
         now = time.monotonic()
         if now >= next_cancel_check:
             next_cancel_check = now + CANCEL_CHECK_SECONDS
@@ -134,6 +152,28 @@ def _call_items(
             if watchdog is not None:
                 watchdog.disarm()
     return values, errors, count
+
+
+def _call_until(
+    fn: Callable[..., Any], items: Any, append: Callable[[Any], None], deadline: float
+) -> None:
+    """The fast path under a budget: call ``fn`` on items in runs between clock checks,
+    runs that double while they are quick (so tiny items pay for a check per thousands)
+    and fall back to one item as soon as a run takes long. At least one item is called."""
+    source = iter(items)
+    run = 1
+    while True:
+        began = time.perf_counter()
+        called = 0
+        for item in itertools.islice(source, run):
+            append(fn(item))
+            called += 1
+        if called < run:
+            return  # the items ran out
+        now = time.perf_counter()
+        if now >= deadline:
+            return
+        run = min(run * 2, BUDGET_RUN_MAX) if now - began < BUDGET_CHECK_SECONDS else 1
 
 
 class _SlotState:
@@ -206,8 +246,8 @@ class _TaskContext:
         if self._worker is not None:
             self._worker.log_event(topic, message)
 
-    def send_now(self, topic: str, message: dict[str, Any], timeout: float = 0.05) -> None:
-        """Send an event and wait (at most ``timeout``) until it is written to the socket.
+    def send_soon(self, topic: str, message: dict[str, Any]) -> _Written:
+        """Send an event at once; ``wait()`` on the answer until it is written to the socket.
 
         Dask batches worker messages for a millisecond. A function that ends the process at
         once (a crash, ``os._exit``) would take along the news that the previous task
@@ -217,11 +257,26 @@ class _TaskContext:
         written = getattr(stream, "recent_message_log", None)
         if stream is None or written is None:  # not in a worker, or Dask changed
             self.send_event(topic, message)
-            return
+            return _Written(None, None)
         envelope = {"op": "log-event", "topic": topic, "msg": message}
         self._worker.loop.add_callback(stream.send, envelope)
+        return _Written(envelope, written)
+
+
+class _Written:
+    """An event on its way out of the slot: ``wait()`` until it is written (or ``timeout``)."""
+
+    __slots__ = ("_envelope", "_log")
+
+    def __init__(self, envelope: dict[str, Any] | None, log: Any) -> None:
+        self._envelope = envelope
+        self._log = log
+
+    def wait(self, timeout: float = 0.05) -> None:
+        if self._envelope is None:
+            return
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not _was_written(envelope, written):
+        while not _was_written(self._envelope, self._log) and time.monotonic() < deadline:
             time.sleep(0.0002)
 
 
