@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.batch import models
+from azure.core.exceptions import HttpResponseError
+from azure.core.rest import HttpRequest
 
 import cloudmap
 from cloudmap.providers.azure.removals import MAX_REMOVALS
 from cloudmap.providers.azure.settings import AzureSettings
 
-from .batch_emulator import BatchEmulator, Request, running_batch_emulator
+from .batch_emulator import API_VERSION, BatchEmulator, Request, running_batch_emulator
 from .conftest import eventually
 
 pytestmark = pytest.mark.usefixtures("scheduler_in_the_client")
@@ -246,6 +249,58 @@ def test_a_throttled_removal_is_sent_again(
     assert sorted(len(ids) for ids in answered) == [50, MAX_REMOVALS]
     client = batch.client()
     assert eventually(lambda: len(list(client.list_nodes(pool_id))) == NODES - 150, 30)
+
+
+@pytest.mark.parametrize("batch", [1000], indirect=True, ids=["page1000"])
+def test_the_emulator_pages_and_pushes_back_as_batch_does(batch: BatchEmulator) -> None:
+    client = batch.client(retry_total=0)  # the raw answers
+    client.create_pool(
+        models.BatchPoolCreateOptions(
+            id="raw",
+            vm_size="Standard_D2s_v5",
+            virtual_machine_configuration=models.VirtualMachineConfiguration(
+                image_reference=models.BatchVmImageReference(
+                    publisher="canonical", offer="ubuntu-24_04-lts", sku="server"
+                ),
+                node_agent_sku_id="batch.node.ubuntu 24.04",
+            ),
+        )
+    )
+    batch.add_fake_nodes("raw", 2500)
+    nodes = f"/pools/raw/nodes?api-version={API_VERSION}"
+
+    def get(url: str) -> Any:
+        """The answer, or Batch's refusal as the SDK raises it (its ``response``)."""
+        try:
+            return client.send_request(HttpRequest("GET", url))
+        except HttpResponseError as exc:
+            return exc.response
+
+    first = get(nodes).json()  # no maxresults: Batch's default of 1000
+    assert len(first["value"]) == 1000 and first["odata.nextLink"].startswith(batch.url)
+    assert [len(list(page)) for page in client.list_nodes("raw").by_page()] == [1000, 1000, 500]
+    assert client.get_pool("raw").target_dedicated_nodes == 2500
+    too_many = get(nodes + "&maxresults=1001")
+    assert too_many.status_code == 400 and too_many.json()["code"] == "InvalidQueryParameterValue"
+
+    batch.refuse_next("list_nodes", 1, status=429, retry_after=7)
+    throttled = get(nodes)
+    assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, "7")
+    assert throttled.json()["code"] == "TooManyRequests"
+    batch.refuse_next("get_pool", 1, status=503, retry_after=None)
+    busy = get(f"/pools/raw?api-version={API_VERSION}")
+    assert busy.status_code == 503 and "Retry-After" not in busy.headers
+    assert busy.json()["code"] == "ServerBusy"
+    assert get(nodes).status_code == 200  # the plan is spent
+
+    batch.limit_rate(1)
+    assert [get(nodes).status_code for _ in range(3)] == [200, 503, 503]
+    batch.limit_rate(None)
+    assert [r.refused for r in batch.requests("list_nodes")][-4:] == [None, None, 503, 503]
+    with pytest.raises(ValueError, match="list_nodes"):
+        batch.refuse_next("list_node", 1)
+    with pytest.raises(ValueError, match="state="):
+        batch.add_fake_nodes("raw", 1, state="asleep")
 
 
 @pytest.mark.parametrize(

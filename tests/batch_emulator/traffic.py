@@ -30,6 +30,31 @@ THROTTLED = ("TooManyRequests", "The server is throttling this client; retry aft
 BUSY = ("ServerBusy", "The server is currently unable to receive requests. Please retry.")
 
 
+#: Every operation name :func:`operation` gives.
+OPERATIONS = frozenset(
+    {
+        "create_pool",
+        "list_pools",
+        "get_pool",
+        "pool_exists",
+        "delete_pool",
+        "update_pool",
+        "resize_pool",
+        "stop_pool_resize",
+        "remove_nodes",
+        "enable_pool_auto_scale",
+        "disable_pool_auto_scale",
+        "evaluate_pool_auto_scale",
+        "replace_pool_properties",
+        "list_nodes",
+        "get_node",
+        "list_node_files",
+        "get_node_file",
+        "other",
+    }
+)
+
+
 def operation(method: str, segments: list[str]) -> str:
     """The operation a request is for, named as the SDK's method (``other`` if unknown)."""
     if not segments or segments[0] != "pools":
@@ -106,6 +131,8 @@ class Traffic:
     ) -> None:
         if status not in (429, 503):
             raise ValueError(f"status={status}: the emulator refuses with 429 or 503")
+        if op not in OPERATIONS:
+            raise ValueError(f"operation {op!r} is not one of {', '.join(sorted(OPERATIONS))}")
         if count < 1:
             raise ValueError(f"count={count}: refuse at least one request")
         with self._lock:

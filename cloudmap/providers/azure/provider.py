@@ -76,6 +76,8 @@ TAKEN_WINDOW = 0.3
 TAKEN_STATES = ("preempted", "leaving", "unusable")
 #: Seconds ``close`` waits for Batch to delete the pool.
 DELETE_TIMEOUT = 300.0
+#: Seconds ``close`` of a kept pool waits for the removals still queued to reach Batch.
+KEPT_REMOVALS_TIMEOUT = 120.0
 
 
 class AzureBatchProvider(Provider):
@@ -348,7 +350,6 @@ class AzureBatchProvider(Provider):
         client's start task (scheduler address, certificates), then replace its nodes,
         whose agents still serve the old client, with fresh ones at this pool's targets.
         An attached pool is kept when this client closes, as it was found."""
-
         tags = {item.name: item.value for item in (pool.metadata or [])}
         if bodies.TAG not in tags:
             raise InputError(
@@ -371,16 +372,28 @@ class AzureBatchProvider(Provider):
             if self._closed:
                 return
             self._closed = True
-        self._removals.stop()
         if not self._created:
+            self._removals.stop()
             return
         for node in self._list(fresh=True):
             self.events.lost(node.id)
         if self.settings.keep_pool:
+            # The pool stays: the removals asked for must still reach Batch.
+            if not self._removals.wait(KEPT_REMOVALS_TIMEOUT):
+                logger.warning(
+                    "cloudmap: Batch had not removed every node cloudmap removed from pool "
+                    "%s within %.0f s; look for them with `az batch node list --pool-id %s` "
+                    "and delete them, or they go on costing",
+                    self.pool_id,
+                    KEPT_REMOVALS_TIMEOUT,
+                    self.pool_id,
+                )
+            self._removals.stop()
             logger.warning(
                 "cloudmap: leaving Azure Batch pool %s running (keep_pool)", self.pool_id
             )
             return
+        self._removals.stop()  # deleting the pool removes every node
         try:
             self._client.begin_delete_pool(self.pool_id, polling_interval=1).result(
                 timeout=DELETE_TIMEOUT
