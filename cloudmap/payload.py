@@ -162,6 +162,17 @@ def dump_items_batch(batch: Batch) -> bytes:
         raise SerializationError(f"a batch cannot be pickled: {exc}") from exc
 
 
+def item_bytes(item: Any) -> int:
+    """About how many bytes ``item`` adds to a batch: its size pickled alone (at least 1).
+
+    The map engine cuts its first batch, whose size is a guess, by the first item's size.
+    """
+    try:
+        return max(1, len(cloudpickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)))
+    except Exception:
+        return 1  # dump_items_batch will say which item cannot be pickled
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

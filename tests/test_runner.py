@@ -15,6 +15,7 @@ from cloudmap.payload import (
     Batch,
     dump_batch,
     dump_function,
+    item_bytes,
     load_result,
 )
 from cloudmap.seeding import item_rng
@@ -104,7 +105,7 @@ def test_a_budget_stops_starting_items_and_says_how_many_completed() -> None:
     result = run(slow_identity, list(range(50)), budget=0.1)
     assert 2 <= result.completed < 20
     assert result.values[: result.completed] == list(range(result.completed))
-    assert CALLS == list(range(result.completed))  # none started past the budget
+    assert list(range(result.completed)) == CALLS  # none started past the budget
 
 
 def test_a_spent_budget_still_runs_one_item() -> None:
@@ -132,4 +133,10 @@ def test_under_a_budget_the_careful_loop_stops_too() -> None:
     CALLS.clear()
     result = run(lambda x, rng: slow_identity(x), list(range(50)), seed=1, budget=0.1)
     assert 2 <= result.completed < 20
-    assert CALLS == list(range(result.completed))
+    assert list(range(result.completed)) == CALLS
+
+
+def test_item_bytes_is_the_size_of_one_item_pickled() -> None:
+    assert item_bytes(1) < 20
+    assert 1_000_000 < item_bytes(b"x" * 1_000_000) < 1_000_100
+    assert item_bytes(threading.Lock()) == 1  # unpicklable: the batch's pickling will say so
