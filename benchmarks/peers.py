@@ -156,6 +156,8 @@ class Peer:
     open: Callable[[int], AbstractContextManager[Session]]
     per_item_tasks: bool = False  # one scheduler task per item: no-op runs on fewer items
     startup: bool = True  # has its own start-to-first-result measurement
+    monte_carlo: bool = True  # runs the Monte Carlo workload
+    list_input: bool = False  # the no-op items as a list made before timing, not a range
 
 
 def chunksize(items: int, workers: int) -> int:
@@ -257,12 +259,16 @@ def dask_session(workers: int, *, batched: bool) -> Iterator[Session]:
 
 
 CLOUDMAP = "cloudmap"
+CLOUDMAP_LIST = "cloudmap, items in a list"
 MULTIPROCESSING = "multiprocessing.Pool"
 DASK_PER_ITEM = "Dask Client.map, 1 task/item"
 DASK_LOCAL_CLUSTER = "Dask LocalCluster"
 
 PEERS = (
     Peer(CLOUDMAP, cloudmap_session),
+    # The same map over a list of the same numbers: a range input travels in slices (three
+    # numbers a batch), a list's items are pickled; this shows the general case.
+    Peer(CLOUDMAP_LIST, cloudmap_session, startup=False, monte_carlo=False, list_input=True),
     Peer(MULTIPROCESSING, multiprocessing_session),
     Peer("ProcessPoolExecutor", executor_session),
     Peer("joblib (loky)", joblib_session),
@@ -416,14 +422,19 @@ def run_steady(
     """
     with peer.open(config.workers) as session:
         session.ready()
-        fn, seeds = setup.tasks(config.mc_tasks)
-        session.map(partial(monte_carlo_pi, samples=10), range(200))  # warm-up, numpy imported
-        log(f"  {peer.name}: Monte Carlo, no-op")
-        monte_carlo = partial(measure, partial(session.map, fn, seeds))
-        timed = checked_run("Monte Carlo", config, monte_carlo, setup.expected)
-        result.add("monte_carlo", timed)
-        result.efficiencies.append(setup.efficiency(serial, timed.seconds, config))
-        items = range(config.per_item_noop_items if peer.per_item_tasks else config.noop_items)
+        if peer.monte_carlo:
+            fn, seeds = setup.tasks(config.mc_tasks)
+            session.map(partial(monte_carlo_pi, samples=10), range(200))  # warm-up, numpy
+            log(f"  {peer.name}: Monte Carlo, no-op")
+            monte_carlo = partial(measure, partial(session.map, fn, seeds))
+            timed = checked_run("Monte Carlo", config, monte_carlo, setup.expected)
+            result.add("monte_carlo", timed)
+            result.efficiencies.append(setup.efficiency(serial, timed.seconds, config))
+        else:
+            session.map(abs, range(200))  # warm-up
+            log(f"  {peer.name}: no-op")
+        count = config.per_item_noop_items if peer.per_item_tasks else config.noop_items
+        items: Sequence[int] = list(range(count)) if peer.list_input else range(count)
         noop = partial(measure, partial(session.map, abs, items))
         result.add("noop", checked_run("no-op", config, noop, list(items)))
 
@@ -436,7 +447,7 @@ def start_to_first_result(peer: Peer, workers: int) -> Timed:
 
 def run_peer(peer: Peer, config: Config, setup: MonteCarloSetup, result: PeerResult) -> None:
     """One round of one peer: a serial baseline, then every workload once, back to back."""
-    serial = time_serial(setup, config)
+    serial = time_serial(setup, config) if peer.monte_carlo else 0.0
     run_steady(peer, config, setup, serial, result)
     if peer.startup:
         log(f"  {startup_name(peer)}: start to first result")
@@ -544,10 +555,11 @@ def noop_table(report: Report) -> str:
 def monte_carlo_table(report: Report) -> str:
     seconds = report.pick("monte_carlo", "seconds")
     efficiency = report.efficiencies()
+    names = {peer.name for peer in PEERS if peer.monte_carlo}
     rows = [
         [name, fmt(seconds[name], ".2f"), fmt(ratio(seconds[name], seconds[CLOUDMAP]), ".3g", "x"),
          fmt(efficiency[name], ".0%"), fmt_range(result.efficiencies, ".0%")]
-        for name, result in report.results.items()
+        for name, result in report.results.items() if name in names
     ]  # fmt: skip
     headers = ["Peer", "Wall s", "Time ratio to cloudmap (>1: cloudmap faster)",
                "Parallel efficiency", "Efficiency range over rounds"]  # fmt: skip
@@ -577,11 +589,11 @@ def targets(report: Report) -> list[Target]:
     efficiency = report.efficiencies()[CLOUDMAP]
     startup = report.pick("startup", "seconds")
     checks: list[tuple[str, float | None, Callable[[float], bool]]] = [
-        ("no-op rate >= 0.5x multiprocessing.Pool",
-         ratio(rates[CLOUDMAP], rates[MULTIPROCESSING]), lambda v: v >= 0.5),
+        ("no-op rate >= 1.0x multiprocessing.Pool",
+         ratio(rates[CLOUDMAP], rates[MULTIPROCESSING]), lambda v: v >= 1.0),
         ("no-op rate >= 50x Dask one task per item",
          ratio(rates[CLOUDMAP], rates[DASK_PER_ITEM]), lambda v: v >= 50),
-        ("Monte Carlo efficiency >= 90 %", efficiency, lambda v: v >= 0.9),
+        ("Monte Carlo efficiency >= 95 %", efficiency, lambda v: v >= 0.95),
         ("start to first result <= 1.5x Dask LocalCluster's",
          ratio(startup[CLOUDMAP], startup[DASK_PER_ITEM]), lambda v: v <= 1.5),
     ]  # fmt: skip
