@@ -1,8 +1,10 @@
 """The batching rule: how many items to put in the next task, learned from timings.
 
 Pure logic with plain numbers, no I/O, so it is unit-tested directly. Tiny items are
-grouped until a task takes about ``target_seconds`` on a slot; near the end of a known
-input, batches shrink (guided self-scheduling) so that every slot stays busy to the last.
+grouped until a task takes about ``target_seconds`` on a slot, or longer on a pool so large
+that its scheduler could not take one such task per slot that often (:meth:`BatchSizer.scale`
+with the rate of :mod:`cloudmap.budget`); near the end of a known input, batches shrink
+(guided self-scheduling) so that every slot stays busy to the last.
 """
 
 from __future__ import annotations
@@ -42,9 +44,45 @@ class BatchSizer:
     max_items: int = MAX_ITEMS
     growth: int = GROWTH
     tail_fraction: float = TAIL_FRACTION
+    _target: float | None = field(default=None, init=False)
+    _rate: float | None = field(default=None, init=False)
     _timed_seconds: float = field(default=0.0, init=False)
     _timed_items: float = field(default=0.0, init=False)
     _largest_timed: int = field(default=0, init=False)
+
+    def scale(self, *, slots: int, task_rate: float) -> None:
+        """Aim tasks at ``slots / task_rate`` seconds when that is longer than the target:
+        with one task per slot every that many seconds, the scheduler gets ``task_rate``
+        tasks a second, what it can take (:class:`cloudmap.budget.TaskBudget`).
+
+        >>> sizer = BatchSizer()
+        >>> sizer.scale(slots=16, task_rate=500.0)
+        >>> sizer.task_seconds
+        0.5
+        >>> sizer.scale(slots=16_000, task_rate=500.0)
+        >>> sizer.task_seconds
+        32.0
+        """
+        self._rate = max(task_rate, 1e-9)
+        self._target = max(self.target_seconds, slots / self._rate)
+
+    def _dispatch_size(self, remaining: int, per_item: float) -> int:
+        """The batch size below which the scheduler, not the slots, would set the pace.
+
+        ``remaining`` items in tasks of ``s`` take about ``remaining / s / rate`` seconds
+        to hand out and ``s * per_item`` seconds to run once out: the sum is smallest at
+        ``s = sqrt(remaining / (rate * per_item))``. It matters only on pools too large
+        for the work left, where guided self-scheduling would cut more tasks than the
+        scheduler can hand out before the slots would be done.
+        """
+        if self._rate is None:
+            return 0
+        return int(math.sqrt(remaining / (self._rate * per_item)))
+
+    @property
+    def task_seconds(self) -> float:
+        """How long a task should take on its slot, as last scaled."""
+        return self.target_seconds if self._target is None else self._target
 
     def observe(self, items: int, seconds: float) -> None:
         """Record that a task of ``items`` items computed in ``seconds`` on its slot.
@@ -81,7 +119,7 @@ class BatchSizer:
         return self._ideal_size(per_item) > max(1, self._largest_timed) * self.growth
 
     def _ideal_size(self, per_item: float) -> int:
-        return min(int(self.target_seconds / max(per_item, 1e-9)), self.max_items)
+        return min(int(self.task_seconds / max(per_item, 1e-9)), self.max_items)
 
     def tasks_for(self, items: int) -> int:
         """How many tasks ``items`` more items make at the size batches are heading for."""
@@ -109,7 +147,7 @@ class BatchSizer:
                 # last tasks are small and finish together on all slots.
                 share = math.ceil(remaining / (2 * max(slots, 1)))
                 floor = int(self.tail_fraction * self.target_seconds / per_item)
-                size = min(size, max(share, floor))
+                size = min(size, max(share, floor, self._dispatch_size(remaining, per_item)))
         if remaining is not None:
             size = min(size, remaining)
         return max(1, size)

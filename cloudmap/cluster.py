@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import resource
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from distributed.core import Status
 from distributed.scheduler import KilledWorker
 
 from . import scheduler_plugin as on_scheduler
+from .budget import TaskBudget
 from .dask_config import BATCH_INTERVAL, LOW_OVERHEAD, SCHEDULER_OPTIONS
 from .errors import SchedulerLostError, WorkerLostError
 from .failures import LossCause, TaskLoss
@@ -53,6 +55,10 @@ class _DropKilledWorkerNoise(logging.Filter):
 
 
 _KILLED_WORKER_NOISE = _DropKilledWorkerNoise()
+#: Dask's own limit on the client's open connections, kept for pools smaller than it.
+DEFAULT_CONNECTION_LIMIT = 512
+#: Files this process keeps for everything but slot connections (the notebook, logs, ...).
+FILES_KEPT_FREE = 1024
 
 
 class TaskHandle:
@@ -93,7 +99,9 @@ class DaskCluster:
     _cluster: SpecCluster | None  # the in-process scheduler's, None for a remote one
     _address: str | None
 
-    def __init__(self, host: str = "127.0.0.1", *, port: int = 0, tls: bool = False) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", *, port: int = 0, tls: bool = False, slots: int = 0
+    ) -> None:
         self._prepare(tls)
         with dask.config.set(LOW_OVERHEAD):
             self._cluster = self._start_scheduler(host, port, self.security)
@@ -103,7 +111,13 @@ class DaskCluster:
         # timeout (30 s) about once per three crashes, so results go through the scheduler,
         # which runs in this process anyway. (The scheduler still connects to the slots.)
         direct = self.security is None
-        self._connect(Client(self._cluster, direct_to_workers=direct, security=self.security))
+        client = Client(
+            self._cluster,
+            direct_to_workers=direct,
+            security=self.security,
+            connection_limit=connection_limit(slots),
+        )
+        self._connect(client)
 
     def _prepare(self, tls: bool) -> None:
         """The state every cluster has, before it has a scheduler and client."""
@@ -127,6 +141,8 @@ class DaskCluster:
         self.node_taken: Callable[[str], bool] | None = None
         #: Why the cluster cannot go on (its scheduler was lost), once that is known.
         self.broken: str | None = None
+        #: The scheduler's task rate budget, sampled with every :meth:`work_counts`.
+        self.budget = TaskBudget()
         self._closing = False
 
     @classmethod
@@ -359,9 +375,15 @@ class DaskCluster:
         return int(self._ask(on_scheduler.rebalance))
 
     def work_counts(self) -> tuple[int, int]:
-        """(tasks running, tasks waiting for a slot) on the scheduler now."""
-        running, waiting = self._ask(on_scheduler.work_counts)
+        """(tasks running, tasks waiting for a slot) on the scheduler now; also samples
+        the scheduler's load for the task budget."""
+        running, waiting, loop_cpu, tasks_done = self._ask(on_scheduler.work_counts)
+        self.budget.observe(wall=time.monotonic(), cpu=loop_cpu, tasks_done=tasks_done)
         return int(running), int(waiting)
+
+    def task_rate(self) -> float:
+        """Tasks per second the scheduler can take, as last measured (:mod:`cloudmap.budget`)."""
+        return self.budget.rate
 
     def timeout_result(self, key: str) -> bytes | None:
         """The partial result a slot sent before its timeout watchdog ended it, if any."""
@@ -507,6 +529,18 @@ RECONNECT_CHECK = 0.2
 #: Dask's reason for cancelling a client's futures when its connection to the scheduler
 #: dropped (the scheduler forgets the tasks of a client that is gone).
 CONNECTION_LOST = "scheduler-connection-lost"
+
+
+def connection_limit(slots: int) -> int:
+    """How many connections the client keeps open to fetch results from ``slots`` slots.
+
+    Dask's default, 512, is fine for a small pool; past it every result fetch opens a new
+    connection (a quarter of the event loop's time at 1,600 slots). One per slot, then,
+    within what this process may open: the in-process scheduler needs one per slot too.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    spare = soft - slots - FILES_KEPT_FREE
+    return max(DEFAULT_CONNECTION_LIMIT, min(slots + 64, spare))
 
 
 class SchedulerUnreachableError(OSError):

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from .batching import BatchSizer
+from .budget import SubmitPace
 from .cluster import DaskCluster, TaskHandle
 from .errors import (
     InputError,
@@ -49,6 +50,9 @@ UNKNOWN_BACKLOG_TASKS = 1_000_000
 DRAIN_SECONDS = 2.0
 #: Seconds between recounts of the items in started tasks, for the progress display.
 RUNNING_RECOUNT = 0.2
+#: Tasks that time the first items on a large pool, before more follow at the scheduler's
+#: pace (pools of up to this many slots get one task per slot at once).
+RAMP_TASKS = 16
 
 
 class _Skipped:
@@ -141,6 +145,8 @@ class MapEngine:
         self._reporter = make_reporter(options.progress)
         self._label = label
         self._sizer = BatchSizer(fixed=options.batch_size)
+        self._pace = SubmitPace()
+        self._started_at = time.monotonic()
         self._done: queue.SimpleQueue[tuple[_Task, str, Any]] = queue.SimpleQueue()
         self._tasks: dict[str, _Task] = {}
         self._open: deque[_SourceBatch] = deque()
@@ -163,6 +169,7 @@ class MapEngine:
         """Submit the first window of tasks, so work begins before anyone iterates."""
         if self._reporter is not None:
             self._reporter.start(self._counts, self._label)
+        self._started_at = time.monotonic()
         try:
             self._refill()
         except BaseException:
@@ -178,7 +185,8 @@ class MapEngine:
         cancelled; on Ctrl-C the slots running them are restarted so they are free at once.
         """
         try:
-            while self._tasks or self._retry:
+            # Not exhausted with nothing in flight: the submit pace held the next task back.
+            while self._tasks or self._retry or not self._exhausted:
                 self._raise_failure_when_drained()
                 try:
                     task, kind, payload = self._done.get(timeout=0.1)
@@ -235,10 +243,23 @@ class MapEngine:
         if self._failure is not None:
             return  # draining: no new work after a fatal failure
         slots = max(1, self._slots())
-        # While batch sizes are still growing from timings, one task per slot: each bigger
-        # batch is then timed at once instead of waiting behind a queue of smaller ones.
-        window = slots if self._sizer.ramping else 2 * slots + 2
+        rate = self._cluster.task_rate()
+        self._sizer.scale(slots=slots, task_rate=rate)
+        if self._sizer.ramping:
+            # While batch sizes still grow from timings, at most one task per slot, so that
+            # each bigger batch is timed at once instead of waiting behind smaller ones; and
+            # on a large pool not one per slot at once either: a few tasks time the items,
+            # more follow at the scheduler's pace (one-item tasks to 16,000 slots would
+            # cost 16,000 tasks before any batch had its proper size).
+            ramp = RAMP_TASKS + int(rate * (time.monotonic() - self._started_at))
+            window = min(slots, ramp)
+        else:
+            window = 2 * slots + 2
         while len(self._tasks) < window:
+            # Never faster than the scheduler can take: a first wave of one-item tasks to
+            # 16,000 slots would otherwise arrive all at once.
+            if not self._pace.take(now=time.monotonic(), rate=rate):
+                return
             if self._retry:
                 self._submit_retry(slots)
                 continue

@@ -4,7 +4,7 @@ A new pool waits until one slot can take work, and gives up early, with the reas
 every node failed or the provider says it cannot allocate any; a pool that fails to start
 leaves no node behind. Teardown stops the parts in the order that loses nothing: the
 scaler first (it must not act on a closing pool), the client before the nodes (no future
-may hold results on nodes being removed), the scheduler last.
+may hold results on nodes being removed), then the scheduler, then the nodes.
 """
 
 from __future__ import annotations
@@ -112,7 +112,12 @@ def teardown(scaler: Scaler | None, provider: Provider | None, cluster: DaskClus
         if provider is not None:
             provider.events = NodeEvents()  # nobody to tell: every task is being dropped
         cluster.close_client()  # first, so no future holds results on nodes being removed
-        if provider is not None:
-            provider.close()
     finally:
-        cluster.close()
+        try:
+            # The scheduler before the nodes: one that watches its slots leave tells every
+            # remaining slot of each departure, which at 16,000 slots takes minutes, while
+            # closing it first drops them all at once.
+            cluster.close()
+        finally:
+            if provider is not None:
+                provider.close()

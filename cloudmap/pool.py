@@ -141,7 +141,8 @@ class Pool:
             self._cluster = DaskCluster.remote(reconnect_timeout=made.reconnect_timeout)
         else:
             host, port = checked.provider_class.listen_address(provider_options)
-            self._cluster = DaskCluster(host, port=port, tls=checked.tls)
+            slots = (self.spec.nodes + self.spec.spot_nodes) * self.spec.slots_per_node
+            self._cluster = DaskCluster(host, port=port, tls=checked.tls, slots=slots)
         try:
             self.provider = made
             parts = _assemble(self._cluster, made, self.spec, autoscale, self._closed)

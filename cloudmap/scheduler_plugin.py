@@ -42,6 +42,8 @@ class PoolPlugin(SchedulerPlugin):
         self.told: dict[str, Status] = {}
         # task key -> (slot address, run id) of its current assignment, once that began.
         self.began: dict[str, tuple[str, int]] = {}
+        #: Assignments that ended (finished, failed or moved): the tasks the loop handled.
+        self.tasks_done = 0
         self._scheduler: Scheduler | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -77,6 +79,7 @@ class PoolPlugin(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start == "processing":
             self.began.pop(str(key), None)
+            self.tasks_done += 1
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self.evicted.discard(worker)
@@ -210,7 +213,10 @@ def _plugin_of(dask_scheduler: Scheduler) -> PoolPlugin:
     return plugin
 
 
-def work_counts(dask_scheduler: Scheduler) -> tuple[int, int]:
+def work_counts(dask_scheduler: Scheduler) -> tuple[int, int, float, int]:
+    """(tasks running, tasks waiting, the loop's CPU seconds, tasks done): the last two
+    for the task budget (:mod:`cloudmap.budget`). This runs on the scheduler's event loop,
+    so the thread's CPU time is the loop's."""
     running = waiting = 0
     for ws in dask_scheduler.workers.values():
         processing = len(ws.processing)
@@ -218,7 +224,7 @@ def work_counts(dask_scheduler: Scheduler) -> tuple[int, int]:
         running += busy
         waiting += processing - busy
     waiting += len(dask_scheduler.queued) + len(dask_scheduler.unrunnable)
-    return running, waiting
+    return running, waiting, time.thread_time(), _plugin_of(dask_scheduler).tasks_done
 
 
 def slots_view(dask_scheduler: Scheduler) -> list[tuple[str, str, int]]:

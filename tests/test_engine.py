@@ -177,8 +177,10 @@ class FakeCluster:
         slots: int = 2,
         seconds_per_item: float = 0.01,
         max_tasks: int = 100_000,
+        task_rate: float = 1e6,
     ) -> None:
         self.script: Script = script or (lambda task: Finish())
+        self.rate = task_rate  # what the scheduler can take: no limit unless a test sets one
         self.slot_count = slots
         self.seconds_per_item = seconds_per_item
         self.max_tasks = max_tasks
@@ -246,6 +248,9 @@ class FakeCluster:
 
     def started(self, key: str) -> bool:
         return key in self._waiting
+
+    def task_rate(self) -> float:
+        return self.rate
 
     def forget(self, key: str) -> None:
         self.forgotten.append(key)
