@@ -48,7 +48,7 @@ PRIVATE_DASK_API: tuple[tuple[str, str, str], ...] = (
     ("Scheduler", "_reschedule", "scheduler_plugin: move a task not yet begun off a slot"),
     ("Scheduler", "handle_worker_status_change", "scheduler_plugin: drain a slot at once"),
     ("Scheduler", "stream_handlers", "scheduler_plugin: screen slots' status reports"),
-    ("Scheduler", "stream_comms", "scheduler_plugin: tell a slot its status; batching"),
+    ("Scheduler", "stream_comms", "scheduler_plugin: tell a slot its status; batching; close"),
     ("Scheduler", "queued", "scheduler_plugin: tasks waiting for a slot"),
     ("Scheduler", "unrunnable", "scheduler_plugin: tasks waiting for a slot"),
     ("Scheduler", "running", "scheduler_plugin: slots that take tasks (rebalance)"),

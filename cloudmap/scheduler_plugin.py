@@ -11,6 +11,7 @@ relies on are listed in :data:`cloudmap.dask_config.PRIVATE_DASK_API`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -93,6 +94,25 @@ class PoolPlugin(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self.told.pop(worker, None)
+
+    async def before_close(self) -> None:
+        """Close every slot's stream at once, before Dask does it one slot at a time.
+
+        Dask closes the streams itself, and then handles each closed stream as a slot
+        leaving, telling every remaining slot: quadratic, which kept a pool of 1,600 slots
+        closing for over ten seconds (16,000: hours). A closing scheduler has nothing to
+        tell, so the streams are taken out of its hands first and closed here, as Dask
+        would: the slot is told to close, then the stream ends.
+        """
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        streams = list(scheduler.stream_comms.values())
+        scheduler.stream_comms.clear()
+        for stream in streams:
+            if not stream.closed():
+                stream.send({"op": "close", "reason": "scheduler-close"})
+        await asyncio.gather(*(stream.close() for stream in streams), return_exceptions=True)
 
     def screen_status_reports(self, scheduler: Scheduler) -> None:
         """Put a filter in front of the scheduler's handler of slots' status reports.

@@ -76,3 +76,33 @@ def test_empty_observation_is_ignored() -> None:
 )
 def test_ramping(observations: list[tuple[int, float]], fixed: int | None, ramping: bool) -> None:
     assert sized(observations, fixed=fixed).ramping is ramping
+
+
+# -- batching on pools large enough for the scheduler to set the pace -----------------------
+
+
+def test_a_small_pool_keeps_half_second_tasks():
+    sizer = sized([(1, 0.001), (32, 0.032)])
+    sizer.scale(slots=16, task_rate=500.0)
+    assert sizer.task_seconds == 0.5
+    assert sizer.next_size(slots=16, remaining=10**6) == 500
+
+
+def test_on_a_large_pool_tasks_last_as_long_as_the_scheduler_needs_to_feed_every_slot():
+    # 16,000 slots, a scheduler taking 500 tasks a second: one task per slot every 32 s.
+    sizer = sized([(1, 0.001), (32, 0.032), (1024, 1.024)])
+    sizer.scale(slots=16_000, task_rate=500.0)
+    assert sizer.task_seconds == 32.0
+    assert sizer.next_size(slots=16_000, remaining=None) == 32_000
+
+
+def test_too_little_work_for_the_pool_is_cut_into_fewer_longer_tasks_than_guided():
+    # 10^7 items of 1 ms on 16,000 slots at 500 tasks/s: guided self-scheduling would cut
+    # tasks of 312 items (32,000 tasks, a minute to hand out); the dispatch-bound size
+    # sqrt(remaining / (rate * per_item)) = 4,472 items balances handing out and running.
+    sizer = sized([(1, 0.001), (32, 0.032), (1024, 1.024)])
+    sizer.scale(slots=16_000, task_rate=500.0)
+    assert sizer.next_size(slots=16_000, remaining=10**7) == 4472
+    # The same map on 16 slots is not dispatch-bound: half-second tasks.
+    sizer.scale(slots=16, task_rate=500.0)
+    assert sizer.next_size(slots=16, remaining=10**7) == 500

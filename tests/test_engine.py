@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -347,10 +348,13 @@ def start_map(
     slots: int = 2,
     seconds_per_item: float = 0.01,
     ordered: bool = True,
+    task_rate: float = 1e6,
     **options: Any,
 ) -> tuple[MapEngine, FakeCluster]:
     """A started engine on a fake cluster: the first window is out."""
-    cluster = FakeCluster(script, slots=slots, seconds_per_item=seconds_per_item)
+    cluster = FakeCluster(
+        script, slots=slots, seconds_per_item=seconds_per_item, task_rate=task_rate
+    )
     engine = MapEngine(
         cluster,  # type: ignore[arg-type]
         fn,
@@ -749,3 +753,35 @@ def test_closing_the_pool_under_a_map_raises_pool_closed_not_a_task_error() -> N
     )
     with pytest.raises(PoolClosedError, match="closed"):
         list(engine.chunks())
+
+
+# -- the batching ramp -----------------------------------------------------------------------
+
+
+def test_on_16_slots_the_ramp_times_one_item_per_slot_then_grows_to_half_second_tasks():
+    run = run_map(range(100_000), slots=16, seconds_per_item=0.001, task_rate=500.0)
+    assert run.values == [2 * i for i in range(100_000)]
+    assert run.sizes[:16] == [1] * 16  # one task per slot at once, each timing an item
+    assert 32 in run.sizes and 1024 not in run.sizes  # x32, then capped by the target
+    assert max(run.sizes) == 500  # 0.5 s of 1 ms items
+
+
+def test_on_16000_slots_the_ramp_does_not_send_one_item_to_every_slot():
+    # One-item tasks to every slot would be 16,000 tasks before any batch had its size;
+    # a few time the items, then batches sized for a scheduler taking 500 tasks a second.
+    run = run_map(range(200_000), slots=16_000, seconds_per_item=0.001, task_rate=500.0)
+    assert run.values == [2 * i for i in range(200_000)]
+    assert run.sizes.count(1) < 100
+    assert len(run.sizes) < 1000
+    # sqrt(200,000 / (500 * 0.001)) = 632 items: as long to hand out as to run.
+    assert max(run.sizes) >= 600
+
+
+def test_a_large_pool_is_fed_no_faster_than_the_scheduler_takes_tasks():
+    started = time.monotonic()
+    run = run_map(range(3000), slots=16_000, seconds_per_item=5.0, task_rate=1000.0)
+    elapsed = time.monotonic() - started
+    # 5 s items on a pool this large go one per task: a burst of 1,000 tasks (half a
+    # second's worth at twice the rate), then 2,000 a second.
+    assert run.sizes == [1] * 3000
+    assert elapsed > (3000 - 1000) / 2000 * 0.9
