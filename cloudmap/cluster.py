@@ -20,7 +20,7 @@ import resource
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import dask
@@ -271,6 +271,27 @@ class DaskCluster:
         """Send one batch as one Dask task, never de-duplicated (pure=False, unique key)."""
         key = f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}"
         return TaskHandle(self.client.submit(run_batch, fn_blob, batch_blob, key=key, pure=False))
+
+    def submit_batches(
+        self, fn_blob: bytes, batch_blobs: list[bytes], label: str
+    ) -> list[TaskHandle]:
+        """Send batches of one map as tasks in one message to the scheduler (each
+        ``submit`` is a message of its own, and each costs the scheduler's loop)."""
+        keys = [f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}" for _ in batch_blobs]
+        futures = self.client.map(
+            run_batch, [fn_blob] * len(batch_blobs), batch_blobs, key=keys, pure=False
+        )
+        return [TaskHandle(future) for future in futures]
+
+    def on_results(self, tasks: Sequence[tuple[TaskHandle, Deliver]]) -> None:
+        """:meth:`on_result` for several tasks, with one wake-up of the event loop."""
+        loop = self.client.loop
+        assert loop is not None, "the client has no event loop: is it closed?"
+
+        async def fetch_all() -> None:  # each delivers as its own result arrives
+            await asyncio.gather(*(self._fetch(task, deliver) for task, deliver in tasks))
+
+        loop.add_callback(fetch_all)
 
     def on_result(self, task: TaskHandle, deliver: Deliver) -> None:
         """Fetch a task's result on the event loop as soon as it is ready, then call

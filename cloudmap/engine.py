@@ -195,11 +195,16 @@ class MapEngine:
                     self._refill()  # slots may have joined (a resize, autoscale)
                     self._report()  # tasks may have started: running, elapsed, ETA move
                     continue
-                if self._tasks.pop(task.key, None) is None:
-                    continue  # a task we already gave up on
-                self._handle(task, kind, payload)
-                yield from self._ready()
+                if self._tasks.pop(task.key, None) is not None:
+                    self._handle(task, kind, payload)
+                # Take every outcome already back before refilling, so that a busy pool's
+                # next tasks go to the scheduler together, in one message; and refill
+                # before handing results out, so the slots are fed while the caller works.
+                for task, kind, payload in self._more_done():
+                    if self._tasks.pop(task.key, None) is not None:
+                        self._handle(task, kind, payload)
                 self._refill()
+                yield from self._ready()
                 self._report()
             self._raise_failure_when_drained()
             yield from self._ready()
@@ -211,6 +216,14 @@ class MapEngine:
             raise
         finally:
             self._close_reporter()
+
+    def _more_done(self) -> Iterator[tuple[_Task, str, Any]]:
+        """Outcomes already waiting, without waiting for more (at most one window's)."""
+        for _ in range(max(1, len(self._tasks))):
+            try:
+                yield self._done.get_nowait()
+            except queue.Empty:
+                return
 
     def backlog_tasks(self) -> int:
         """Tasks' worth of work not yet sent: what autoscale sees beyond the scheduler's queue.
@@ -255,13 +268,23 @@ class MapEngine:
             window = min(slots, ramp)
         else:
             window = 2 * slots + 2
-        while len(self._tasks) < window:
+        ready: list[tuple[_Task, bytes]] = []  # sent to the scheduler together, at the end
+        try:
+            self._cut_tasks(slots, rate, window, ready)
+        finally:
+            self._submit(ready)
+
+    def _cut_tasks(
+        self, slots: int, rate: float, window: int, ready: list[tuple[_Task, bytes]]
+    ) -> None:
+        """Cut tasks (retries first, then new items) into ``ready`` until the window is full."""
+        while len(self._tasks) + len(ready) < window:
             # Never faster than the scheduler can take: a first wave of one-item tasks to
             # 16,000 slots would otherwise arrive all at once.
             if not self._pace.take(now=time.monotonic(), rate=rate):
                 return
             if self._retry:
-                self._submit_retry(slots)
+                ready.append(self._retry_task(slots))
                 continue
             if self._exhausted or (self._ordered and len(self._open) >= 2 * window):
                 return
@@ -284,9 +307,9 @@ class MapEngine:
             if self._total is not None and self._next_index >= self._total:
                 self._exhausted = True
             self._open.append(batch)
-            self._submit(_Task(batch, None), batch.indices, items)
+            ready.append(self._packed(_Task(batch, None), batch.indices, items))
 
-    def _submit_retry(self, slots: int) -> None:
+    def _retry_task(self, slots: int) -> tuple[_Task, bytes]:
         first_batch, first_position, group = self._retry.popleft()
         refs = [(first_batch, first_position)]
         limit = self._sizer.next_size(slots=slots, remaining=None)
@@ -297,20 +320,32 @@ class MapEngine:
             refs.append((batch, position))
         indices = [batch.start + position for batch, position in refs]
         items = [batch.items[position] for batch, position in refs]
-        self._submit(_Task(None, refs), indices, items)
+        return self._packed(_Task(None, refs), indices, items)
 
-    def _submit(self, task: _Task, indices: range | list[int], items: list[Any]) -> None:
+    def _packed(
+        self, task: _Task, indices: range | list[int], items: list[Any]
+    ) -> tuple[_Task, bytes]:
         batch = Batch(self._call, self._seed, self._timeout, indices, items)
         try:
-            blob = dump_items_batch(batch)
+            return task, dump_items_batch(batch)
         except SerializationError as exc:
             exc.results = self.buffered_results()
             raise
-        task.handle = self._cluster.submit_batch(self._fn_blob, blob, self._label)
-        task.key = task.handle.key
-        self._tasks[task.key] = task
-        self._counts.in_flight += len(items)
-        self._cluster.on_result(task.handle, partial(self._on_done, task))
+
+    def _submit(self, ready: list[tuple[_Task, bytes]]) -> None:
+        if not ready:
+            return
+        handles = self._cluster.submit_batches(
+            self._fn_blob, [blob for _, blob in ready], self._label
+        )
+        deliveries = []
+        for (task, _), handle in zip(ready, handles, strict=True):
+            task.handle = handle
+            task.key = handle.key
+            self._tasks[task.key] = task
+            self._counts.in_flight += task.size()
+            deliveries.append((handle, partial(self._on_done, task)))
+        self._cluster.on_results(deliveries)
 
     def _on_done(self, task: _Task, handle: TaskHandle, kind: str, value: Any) -> None:
         """Runs on Dask's event loop: hand the outcome to the engine's thread."""

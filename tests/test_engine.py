@@ -240,6 +240,17 @@ class FakeCluster:
         self._waiting[handle.key] = (self._by_key[handle.key], handle, deliver)
         self.tick()
 
+    def submit_batches(
+        self, fn_blob: bytes, batch_blobs: list[bytes], label: str
+    ) -> list[FakeHandle]:
+        return [self.submit_batch(fn_blob, blob, label) for blob in batch_blobs]
+
+    def on_results(self, tasks: list[tuple[FakeHandle, Callable[..., None]]]) -> None:
+        """Tasks sent together: one tick, as one wake-up of the real cluster's loop."""
+        for handle, deliver in tasks:
+            self._waiting[handle.key] = (self._by_key[handle.key], handle, deliver)
+        self.tick()
+
     def loss_of(self, key: str, error: BaseException, *, timed: bool = False) -> TaskLoss:
         self.loss_calls.append((key, timed))
         loss = self._losses[key]
