@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -83,6 +84,8 @@ class SimulatedProvider(Provider):
         if slots_per_host < spec.slots_per_node:
             raise InputError(f"slots_per_host={slots_per_host} holds not even one node")
         self._nodes_per_host = slots_per_host // spec.slots_per_node
+        # A random 127.N.0.0/16 per pool, so that two test sessions' nodes do not meet.
+        self._octet = random.randrange(64, 250)
         self._hosts: list[_Host] = []
         self._since: dict[str, datetime] = {}
         self._numbers = itertools.count()
@@ -100,9 +103,11 @@ class SimulatedProvider(Provider):
     def add_nodes(self, count: int, *, dedicated: bool = True) -> list[str]:
         if self._scheduler is None:
             raise RuntimeError("start() the provider before adding nodes")
-        ids = [f"node-{next(self._numbers)}" for _ in range(count)]
+        numbers = [next(self._numbers) for _ in range(count)]
+        ids = [f"node-{number}" for number in numbers]
         for first in range(0, len(ids), self._nodes_per_host):
             nodes = ids[first : first + self._nodes_per_host]
+            addresses = [self._address(number) for number in numbers[first : first + len(nodes)]]
             process = subprocess.Popen(
                 [
                     sys.executable,
@@ -110,7 +115,7 @@ class SimulatedProvider(Provider):
                     "cloudmap.testing.simulated_slots",
                     self._scheduler,
                     str(self.spec.slots_per_node),
-                    *nodes,
+                    *(f"{node}@{ip}" for node, ip in zip(nodes, addresses, strict=True)),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -121,6 +126,12 @@ class SimulatedProvider(Provider):
                 now = datetime.now(timezone.utc)
                 self._since.update(dict.fromkeys(nodes, now))
         return ids
+
+    def _address(self, number: int) -> str:
+        """Node ``number``'s own loopback address, in this pool's 127.N.0.0/16."""
+        if number >= 250 * 250:
+            raise InputError("simulated pools hold at most 62,500 nodes")
+        return f"127.{self._octet}.{number // 250}.{number % 250 + 1}"
 
     def wait_registered(self, timeout: float = 600) -> None:
         """Block until every host has registered all its slots (they print one line)."""

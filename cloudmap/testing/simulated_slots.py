@@ -85,9 +85,10 @@ class _Task:
 class SimulatedSlot:
     """One simulated Dask worker with one thread (see the module's docstring)."""
 
-    def __init__(self, host: SimulatedHost, name: str) -> None:
+    def __init__(self, host: SimulatedHost, name: str, ip: str) -> None:
         self.host = host
         self.name = name
+        self.ip = ip
         self.address = ""
         self.status = "running"
         self.queue: deque[_Task] = deque()
@@ -103,7 +104,7 @@ class SimulatedSlot:
         self.last_stop: float | None = None
 
     async def start(self, scheduler: str) -> None:
-        self._listener = listen("tcp://127.0.0.1:0", self._serve, deserialize=True)
+        self._listener = listen(f"tcp://{self.ip}:0", self._serve, deserialize=True)
         await self._listener.start()
         self.address = self._listener.contact_address
         comm = await connect(scheduler)
@@ -234,11 +235,13 @@ class SimulatedSlot:
 class SimulatedHost:
     """The slots of several simulated nodes, in this process, on one event loop."""
 
-    def __init__(self, scheduler: str, nodes: list[str], slots_per_node: int) -> None:
+    def __init__(self, scheduler: str, nodes: dict[str, str], slots_per_node: int) -> None:
+        """``nodes``: node id -> the loopback address its slots listen on (one per node, as
+        a machine has its own: 16,000 listeners on one address would use up its ports)."""
         self.scheduler = scheduler
         self.slots = {
-            slot_name(node, i): SimulatedSlot(self, slot_name(node, i))
-            for node in nodes
+            slot_name(node, i): SimulatedSlot(self, slot_name(node, i), ip)
+            for node, ip in nodes.items()
             for i in range(slots_per_node)
         }
         self.nodes = {node: [slot_name(node, i) for i in range(slots_per_node)] for node in nodes}
@@ -390,7 +393,7 @@ async def _serve_commands(host: SimulatedHost) -> None:
             print(json.dumps({"removed": argument}), flush=True)
 
 
-async def _run(scheduler: str, nodes: list[str], slots_per_node: int) -> None:
+async def _run(scheduler: str, nodes: dict[str, str], slots_per_node: int) -> None:
     host = SimulatedHost(scheduler, nodes, slots_per_node)
     await host.start()
     print(json.dumps({"ready": len(host.slots)}), flush=True)
@@ -403,14 +406,15 @@ async def _run(scheduler: str, nodes: list[str], slots_per_node: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m cloudmap.testing.simulated_slots SCHEDULER SLOTS_PER_NODE NODE...``:
+    """``python -m cloudmap.testing.simulated_slots SCHEDULER SLOTS_PER_NODE NODE@IP...``:
     register the nodes' slots, print ``{"ready": n}``, then serve until stdin closes."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("scheduler")
     parser.add_argument("slots_per_node", type=int)
-    parser.add_argument("nodes", nargs="+")
+    parser.add_argument("nodes", nargs="+", help="node-id@loopback-address")
     args = parser.parse_args(argv)
-    asyncio.run(_run(args.scheduler, args.nodes, args.slots_per_node))
+    nodes = dict(node.split("@", 1) for node in args.nodes)
+    asyncio.run(_run(args.scheduler, nodes, args.slots_per_node))
 
 
 if __name__ == "__main__":
