@@ -22,6 +22,16 @@ MAX_ITEMS = 250_000
 GROWTH = 32
 #: Weight kept by past timings at each new one (see BatchSizer.observe).
 DECAY = 0.7
+#: The first batch of a map over an input of known length (a list, a range: items already
+#: in memory), before any timing, holds up to this many items, and no more than 1/GROWTH of
+#: a slot's share of the input; it runs under a budget of FIRST_BUDGET seconds: the slot
+#: starts no item past it and the engine sends the rest again. Tiny items are then timed on
+#: thousands at once, and slow items cost no more than the budget (at least one item runs).
+#: An iterator's first batch is one item (it is read lazily), as is a short map's.
+FIRST_ITEMS = 32_768
+FIRST_BUDGET = 0.05
+#: The first batch is also cut to about this many bytes of pickled items (from the first).
+FIRST_BYTES = 1 << 20
 #: Near the end, batches shrink for balance, but never below this fraction of the target:
 #: for tiny items, many tiny tail tasks would cost more than the imbalance they avoid.
 TAIL_FRACTION = 0.125
@@ -44,6 +54,7 @@ class BatchSizer:
     max_items: int = MAX_ITEMS
     growth: int = GROWTH
     tail_fraction: float = TAIL_FRACTION
+    first_items: int = FIRST_ITEMS
     _target: float | None = field(default=None, init=False)
     _rate: float | None = field(default=None, init=False)
     _timed_seconds: float = field(default=0.0, init=False)
@@ -118,6 +129,14 @@ class BatchSizer:
             return True
         return self._ideal_size(per_item) > max(1, self._largest_timed) * self.growth
 
+    @property
+    def budget(self) -> float | None:
+        """Seconds the next batch may run before its slot stops starting items: set only
+        while nothing has been timed (its size is a guess)."""
+        if self.fixed is None and self.seconds_per_item is None:
+            return FIRST_BUDGET
+        return None
+
     def _ideal_size(self, per_item: float) -> int:
         return min(int(self.task_seconds / max(per_item, 1e-9)), self.max_items)
 
@@ -138,7 +157,14 @@ class BatchSizer:
         if self.fixed is not None:
             size = self.fixed
         elif (per_item := self.seconds_per_item) is None:
+            # A known length means items already in memory: a first batch of up to
+            # FIRST_ITEMS, under a budget, and at most 1/growth of a slot's share, so a
+            # short map's first batch is one item as before. An iterator is read lazily:
+            # one item.
             size = 1
+            if remaining is not None:
+                share = math.ceil(remaining / (self.growth * max(slots, 1)))
+                size = min(self.first_items, share)
         else:
             per_item = max(per_item, 1e-9)
             size = min(self._ideal_size(per_item), max(1, self._largest_timed) * self.growth)

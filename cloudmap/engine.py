@@ -15,11 +15,11 @@ import itertools
 import queue
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
-from .batching import BatchSizer
+from .batching import FIRST_BYTES, BatchSizer
 from .budget import SubmitPace
 from .cluster import DaskCluster, TaskHandle
 from .errors import (
@@ -39,6 +39,7 @@ from .payload import (
     RemoteError,
     dump_function,
     dump_items_batch,
+    item_bytes,
     load_result,
 )
 from .progress import ProgressCounts, make_reporter
@@ -71,7 +72,7 @@ class _SourceBatch:
 
     __slots__ = ("items", "missing", "start", "values")
 
-    def __init__(self, start: int, items: list[Any]) -> None:
+    def __init__(self, start: int, items: Sequence[Any]) -> None:
         self.start = start
         self.items = items
         self.values: list[Any] = [_MISSING] * len(items)
@@ -135,6 +136,8 @@ class MapEngine:
         self._fn_blob = dump_function(fn)
         self._call = CALL_ONE if len(iterables) == 1 else CALL_STAR
         self._source, self._total = _open_source(iterables)
+        # A range is sliced, never materialised: its batches travel as ranges.
+        self._range = iterables[0] if len(iterables) == 1 and type(iterables[0]) is range else None
         self._slots = slots
         self._is_closed = is_closed
         self._seed = options.seed
@@ -290,8 +293,14 @@ class MapEngine:
                 return
             remaining = None if self._total is None else self._total - self._next_index
             size = self._sizer.next_size(slots=slots, remaining=remaining)
+            items: Sequence[Any]
             try:
-                items = list(itertools.islice(self._source, size))
+                if self._range is not None:
+                    items = self._range[self._next_index : self._next_index + size]
+                elif self._sizer.budget is not None:
+                    items = _first_items(self._source, size)
+                else:
+                    items = list(itertools.islice(self._source, size))
             except ValueError as exc:  # zip(strict=True): iterables of different lengths
                 self._exhausted = True
                 raise InputError(
@@ -323,9 +332,9 @@ class MapEngine:
         return self._packed(_Task(None, refs), indices, items)
 
     def _packed(
-        self, task: _Task, indices: range | list[int], items: list[Any]
+        self, task: _Task, indices: range | list[int], items: Sequence[Any]
     ) -> tuple[_Task, bytes]:
-        batch = Batch(self._call, self._seed, self._timeout, indices, items)
+        batch = Batch(self._call, self._seed, self._timeout, indices, items, self._sizer.budget)
         try:
             return task, dump_items_batch(batch)
         except SerializationError as exc:
@@ -539,6 +548,15 @@ class MapEngine:
                 self._cluster.cancel(handles)
         except Exception:  # the pool may be shutting down under us; nothing left to free
             pass
+
+
+def _first_items(source: Iterator[Any], size: int) -> list[Any]:
+    """Up to ``size`` items for a first batch, fewer if the first item pickles large."""
+    items = list(itertools.islice(source, 1))
+    if items:
+        size = min(size, max(1, FIRST_BYTES // item_bytes(items[0])))
+        items.extend(itertools.islice(source, size - 1))
+    return items
 
 
 def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], int | None]:

@@ -254,6 +254,9 @@ class NodeView:
             )
 
         poll_until(ready, timeout, interval=0.05, on_timeout=too_late)
+        # Plan the next map for every slot now connected, not for a count cached while
+        # they were joining (DaskCluster.slot_count keeps a count for half a second).
+        self._slots.slot_count(max_age=0)
 
     def capacity(self, max_nodes: int | None) -> int:
         """The most usable nodes the pool can have: autoscale's ``max_nodes`` when it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -40,7 +41,7 @@ class Batch(NamedTuple):
     seed: int | None
     timeout: float | None
     indices: range | list[int]
-    items: list[Any]
+    items: Sequence[Any]
     budget: float | None = None
 
 

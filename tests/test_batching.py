@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloudmap.batching import MAX_ITEMS, BatchSizer
+from cloudmap.batching import FIRST_BUDGET, FIRST_ITEMS, MAX_ITEMS, BatchSizer
 
 
 def sized(observations: list[tuple[int, float]], **options: object) -> BatchSizer:
@@ -17,8 +17,12 @@ def sized(observations: list[tuple[int, float]], **options: object) -> BatchSize
 @pytest.mark.parametrize(
     ("observations", "slots", "remaining", "expected"),
     [
-        # Nothing timed yet: one item per task, so a slow function is never over-batched.
-        ([], 4, 1_000_000, 1),
+        # Nothing timed yet: a first batch of up to FIRST_ITEMS under a budget (the slot
+        # stops starting items after FIRST_BUDGET), at most 1/32 of a slot's share...
+        ([], 2, 10_000_000, FIRST_ITEMS),
+        ([], 2, 1_000_000, 15_625),
+        ([], 2, 64, 1),
+        # ...and one item from an iterator, which is read lazily.
         ([], 4, None, 1),
         # 1 ms items: a 0.5 s task would hold 500 items, but one timing allows 32 at most...
         ([(1, 0.001)], 2, 1_000_000, 32),
@@ -106,3 +110,9 @@ def test_too_little_work_for_the_pool_is_cut_into_fewer_longer_tasks_than_guided
     # The same map on 16 slots is not dispatch-bound: half-second tasks.
     sizer.scale(slots=16, task_rate=500.0)
     assert sizer.next_size(slots=16, remaining=10**7) == 500
+
+
+def test_only_a_batch_whose_size_is_a_guess_runs_under_a_budget() -> None:
+    assert sized([]).budget == FIRST_BUDGET
+    assert sized([(1, 0.05)]).budget is None
+    assert sized([], fixed=7).budget is None

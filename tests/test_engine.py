@@ -769,12 +769,13 @@ def test_closing_the_pool_under_a_map_raises_pool_closed_not_a_task_error() -> N
 # -- the batching ramp -----------------------------------------------------------------------
 
 
-def test_on_16_slots_the_ramp_times_one_item_per_slot_then_grows_to_half_second_tasks():
+def test_on_16_slots_the_ramp_times_one_batch_per_slot_then_grows_to_half_second_tasks():
     run = run_map(range(100_000), slots=16, seconds_per_item=0.001, task_rate=500.0)
     assert run.values == [2 * i for i in range(100_000)]
-    assert run.sizes[:16] == [1] * 16  # one task per slot at once, each timing an item
-    assert 32 in run.sizes and 1024 not in run.sizes  # x32, then capped by the target
-    assert max(run.sizes) == 500  # 0.5 s of 1 ms items
+    # One task per slot at once, each of at most 1/32 of a slot's share (under a budget on
+    # a real slot; this fake one runs them whole)...
+    assert len(run.sizes[:16]) == 16 and all(150 <= size <= 196 for size in run.sizes[:16])
+    assert max(run.sizes) == 500  # ...then 0.5 s of 1 ms items
 
 
 def test_on_16000_slots_the_ramp_does_not_send_one_item_to_every_slot():

@@ -126,3 +126,18 @@ def test_wait_for_counts_ready_nodes_against_the_targets(scripted: Scripted) -> 
         TimeoutError, match=r"1 of 2 nodes ready after 0.1 s: a=idle, b=start_failed"
     ):
         view.wait_for(2, lambda: (2, 0), timeout=0.1)
+
+
+def test_wait_for_leaves_the_slot_count_fresh_for_the_next_map(scripted: Scripted) -> None:
+    asked: list[float] = []
+    count = scripted.slot_count
+
+    def slot_count(max_age: float = 0.5) -> int:
+        asked.append(max_age)
+        return count(max_age)
+
+    scripted.slot_count = slot_count  # type: ignore[method-assign]
+    scripted.node("a", slots=1)
+    scripted.slots = {"a": [("tcp://a0", 0)]}
+    NodeView(scripted, scripted).wait_for(1, lambda: (1, 0), timeout=1)
+    assert asked[-1] == 0  # not a count cached while the slots were joining

@@ -136,8 +136,9 @@ class MapTests:
         first = list(itertools.islice(results, 300))
         results.close()  # type: ignore[attr-defined]
         assert first == list(range(300))
-        # Ordered: at most 2 windows of batches are buffered; ~1 ms items make batches of ~250.
-        assert next(pulled) < 300 + 2 * (2 * 2 + 2) * 250
+        # Ordered: at most 2 windows of batches are open (finished or in flight), and items
+        # of at least 1 ms make batches of at most 500 (half a second): bounded reads.
+        assert next(pulled) < 300 + 2 * (2 * 2 + 2) * 500
 
     def test_imap_unordered_yields_every_result_once(self, pool: cloudmap.Pool) -> None:
         results = list(pool.imap(tasks.square, range(1000), ordered=False))

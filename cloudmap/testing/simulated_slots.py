@@ -35,7 +35,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ class DeclaredWork:
         time.sleep(self.seconds_per_item)
         return item
 
-    def seconds(self, items: list[Any]) -> float:
+    def seconds(self, items: Sequence[Any]) -> float:
         return self.seconds_per_item * len(items)
 
 
