@@ -1,4 +1,5 @@
-"""How busy the machine was during a measurement: shared by every benchmark script.
+"""How busy the machine was during a measurement, and how much memory it took: shared by
+every benchmark script.
 
 Numbers are only comparable on an otherwise idle machine, so each script reports the share
 of the CPUs that processes other than itself and its descendants (workers, nodes, ranks,
@@ -7,10 +8,17 @@ Azurite) used while it measured.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import threading
 import time
 from contextlib import suppress
 
 import psutil
+
+MB = 1024 * 1024
+#: How often the process's memory is sampled during a measurement.
+RSS_INTERVAL = 0.003
 
 #: The kernel counts CPU time in 10 ms ticks per process, so this many CPU-seconds are
 #: forgiven: a short window is never called busy on rounding alone.
@@ -47,3 +55,48 @@ def our_cpu_seconds() -> float:
         with suppress(psutil.Error):  # user, system, and those of its reaped children
             total += sum(process.cpu_times()[:4])
     return total
+
+
+class PeakRss:
+    """The increase of this process's RSS high-water mark over a block, sampled in a thread.
+
+    Before the baseline, garbage is collected and free heap memory returned to the system,
+    so that memory left over by an earlier peer neither hides nor inflates the next peak.
+    """
+
+    def __init__(self, interval: float = RSS_INTERVAL) -> None:
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self.baseline = 0
+        self.peak = 0
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        _release_free_memory()
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._record()
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.baseline) / MB
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._record()
+
+    def _record(self) -> None:
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def _release_free_memory() -> None:
+    """Give free malloc memory back to the system (glibc only; elsewhere a no-op)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

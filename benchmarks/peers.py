@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
-import gc
 import json
 import math
 import multiprocessing
@@ -34,11 +32,10 @@ import pickle
 import platform
 import statistics
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,10 +45,9 @@ import dask
 import distributed
 import joblib
 import numpy as np
-import psutil
 from distributed import Client, LocalCluster
 from joblib.externals.loky import get_reusable_executor
-from machine import OtherLoad
+from machine import OtherLoad, PeakRss
 from workloads import calibrate_samples, map_blob, monte_carlo_pi
 
 import cloudmap
@@ -60,8 +56,6 @@ Fn = Callable[[Any], Any]
 
 #: The start method of the multiprocessing and ProcessPoolExecutor peers: the platform's.
 MP_CONTEXT = multiprocessing.get_context()
-#: How often the driver's memory is sampled during a measurement.
-RSS_INTERVAL = 0.003
 MB = 1024 * 1024
 #: A run during which other processes used more than this share of the CPUs is disturbed:
 #: it is measured again, at most ``Config.retries`` times per run.
@@ -69,51 +63,6 @@ DISTURBED = 0.05
 
 
 # -- measuring ---------------------------------------------------------------------------
-
-
-class PeakRss:
-    """The increase of this process's RSS high-water mark over a block, sampled in a thread.
-
-    Before the baseline, garbage is collected and free heap memory returned to the system,
-    so that memory left over by an earlier peer neither hides nor inflates the next peak.
-    """
-
-    def __init__(self, interval: float = RSS_INTERVAL) -> None:
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
-        self.baseline = 0
-        self.peak = 0
-
-    def __enter__(self) -> PeakRss:
-        gc.collect()
-        _release_free_memory()
-        self.baseline = self.peak = self._process.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._record()
-
-    @property
-    def increase_mb(self) -> float:
-        return (self.peak - self.baseline) / MB
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._record()
-
-    def _record(self) -> None:
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-
-def _release_free_memory() -> None:
-    """Give free malloc memory back to the system (glibc only; elsewhere a no-op)."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Timed(NamedTuple):

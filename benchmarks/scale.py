@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
+from machine import MB, PeakRss
 
 import cloudmap
 from cloudmap.providers import register_provider
@@ -51,7 +49,6 @@ from cloudmap.testing.simulated_slots import DeclaredWork
 SLOTS_PER_NODE = 16
 FULL_SIZES = (16, 160, 1600)
 QUICK_SIZES = (16, 160)
-MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,38 +96,13 @@ def workloads(slots: int, largest: bool) -> list[Workload]:
     return chosen
 
 
-class PeakRss:
-    """The peak RSS of this process over a block, sampled every 10 ms in a thread."""
-
-    def __init__(self) -> None:
-        self._process = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @contextmanager
-    def measuring(self) -> Iterator[PeakRss]:
-        self.peak = self._process.memory_info().rss
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join()
-
-
 def run_map(pool: cloudmap.Pool, provider: SimulatedProvider, slots: int, work: Workload) -> MapRow:
     provider.reset_activity()
-    rss_before = psutil.Process().memory_info().rss
     cpu = time.process_time()
     started = time.time()
     first_result = None
     count = 0
-    with PeakRss().measuring() as rss:
+    with PeakRss() as rss:
         for _ in pool.imap(DeclaredWork(work.seconds_per_item), range(work.items), progress=False):
             if first_result is None:
                 first_result = time.time() - started
@@ -153,7 +125,7 @@ def run_map(pool: cloudmap.Pool, provider: SimulatedProvider, slots: int, work: 
         first_result=first_result or 0.0,
         last_slot_busy=(max(firsts) - started) if len(firsts) == slots else None,
         slots_used=len(firsts),
-        rss_before=rss_before / MB,
+        rss_before=rss.baseline / MB,
         rss_peak=rss.peak / MB,
     )
 

@@ -172,7 +172,6 @@ class MapEngine:
         """Submit the first window of tasks, so work begins before anyone iterates."""
         if self._reporter is not None:
             self._reporter.start(self._counts, self._label)
-        self._started_at = time.monotonic()
         try:
             self._refill()
         except BaseException:
