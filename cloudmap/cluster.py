@@ -269,19 +269,32 @@ class DaskCluster:
 
     def submit_batch(self, fn_blob: bytes, batch_blob: bytes, label: str) -> TaskHandle:
         """Send one batch as one Dask task, never de-duplicated (pure=False, unique key)."""
-        key = f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}"
-        return TaskHandle(self.client.submit(run_batch, fn_blob, batch_blob, key=key, pure=False))
+        future = self.client.submit(
+            run_batch, fn_blob, batch_blob, key=self._task_key(label), pure=False
+        )
+        return TaskHandle(future)
 
     def submit_batches(
         self, fn_blob: bytes, batch_blobs: list[bytes], label: str
     ) -> list[TaskHandle]:
         """Send batches of one map as tasks in one message to the scheduler (each
         ``submit`` is a message of its own, and each costs the scheduler's loop)."""
-        keys = [f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}" for _ in batch_blobs]
+        keys = [self._task_key(label) for _ in batch_blobs]
         futures = self.client.map(
             run_batch, [fn_blob] * len(batch_blobs), batch_blobs, key=keys, pure=False
         )
         return [TaskHandle(future) for future in futures]
+
+    def _task_key(self, label: str) -> str:
+        return f"cloudmap-{label}-{self._prefix}-{next(self._task_ids)}"
+
+    def on_result(self, task: TaskHandle, deliver: Deliver) -> None:
+        """Fetch a task's result on the event loop as soon as it is ready, then call
+        ``deliver(task, kind, value)`` with kind "ok" (value: the result), "cancelled" or
+        "error" (value: an error to pass to :meth:`loss_of`). Fetches overlap, unlike
+        blocking ``result()`` calls. ``deliver`` runs on the event loop: it must not block.
+        """
+        self.on_results([(task, deliver)])
 
     def on_results(self, tasks: Sequence[tuple[TaskHandle, Deliver]]) -> None:
         """:meth:`on_result` for several tasks, with one wake-up of the event loop."""
@@ -292,16 +305,6 @@ class DaskCluster:
             await asyncio.gather(*(self._fetch(task, deliver) for task, deliver in tasks))
 
         loop.add_callback(fetch_all)
-
-    def on_result(self, task: TaskHandle, deliver: Deliver) -> None:
-        """Fetch a task's result on the event loop as soon as it is ready, then call
-        ``deliver(task, kind, value)`` with kind "ok" (value: the result), "cancelled" or
-        "error" (value: an error to pass to :meth:`loss_of`). Fetches overlap, unlike
-        blocking ``result()`` calls. ``deliver`` runs on the event loop: it must not block.
-        """
-        loop = self.client.loop
-        assert loop is not None, "the client has no event loop: is it closed?"
-        loop.add_callback(self._fetch, task, deliver)
 
     async def _fetch(self, task: TaskHandle, deliver: Deliver) -> None:
         try:
