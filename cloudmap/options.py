@@ -223,6 +223,8 @@ class MapOptions:
     inputs: Any = None
     outputs: Any = None
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials
+    capture_output: bool = True
+    cache: Any = None
 
     @classmethod
     def from_keywords(cls, options: dict[str, Any], where: str, **defaults: Any) -> MapOptions:
@@ -251,6 +253,11 @@ class MapOptions:
         if self.on_error not in ON_ERROR_CHOICES:
             choices = ", ".join(map(repr, ON_ERROR_CHOICES))
             raise InputError(f"on_error={self.on_error!r} is not one of {choices}")
+        if not isinstance(self.capture_output, bool):
+            raise InputError(
+                f"capture_output={self.capture_output!r} is not valid: pass True (show what "
+                "tasks print under the cell) or False (leave it in the slots' logs)"
+            )
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise InputError(
                 f"storage_options={self.storage_options!r} is not valid: pass a dict of fsspec "

@@ -368,6 +368,8 @@ class Pool:
         inputs: str | Sequence[str] | None = None,
         outputs: str | Output | Sequence[str | Output] | None = None,
         storage_options: dict[str, Any] | None = None,
+        capture_output: bool = True,
+        cache: Any = None,
     ) -> list[Any]:
         """Call ``fn`` once per item (or per tuple of items from several iterables).
 
@@ -398,12 +400,30 @@ class Pool:
             Passed to fsspec for every URL (for Azure Blob: ``connection_string=`` or
             ``account_name=`` and ``credential=``); sent to the nodes inside the pickled
             task, never shown.
+        capture_output : bool
+            Show what the function prints and logs under the cell (or in the terminal),
+            each line prefixed by its item's index and node, rate-limited; False leaves it
+            in the slots' logs only.
+        cache : str, optional
+            A folder or fsspec URL where each result is kept as it arrives, under a key of
+            the function's code and closure, the item, its index and the seed: running the
+            same map again computes only what is missing there.
 
         >>> pool.map(lambda x, y: x + y, [1, 2], [10, 20])    # doctest: +SKIP
         [11, 22]
         """
         options = MapOptions(
-            seed, batch_size, retries, timeout, on_error, progress, inputs, outputs, storage_options
+            seed,
+            batch_size,
+            retries,
+            timeout,
+            on_error,
+            progress,
+            inputs,
+            outputs,
+            storage_options,
+            capture_output,
+            cache,
         )
         return self._work.map_all(fn, iterables, options)
 
@@ -421,6 +441,8 @@ class Pool:
         inputs: str | Sequence[str] | None = None,
         outputs: str | Output | Sequence[str | Output] | None = None,
         storage_options: dict[str, Any] | None = None,
+        capture_output: bool = True,
+        cache: Any = None,
     ) -> Iterator[Any]:
         """Like :meth:`map`, but yield results as they come, holding a bounded window.
 
@@ -429,7 +451,17 @@ class Pool:
         Work starts at the call; stopping the iteration cancels what is still queued.
         """
         options = MapOptions(
-            seed, batch_size, retries, timeout, on_error, progress, inputs, outputs, storage_options
+            seed,
+            batch_size,
+            retries,
+            timeout,
+            on_error,
+            progress,
+            inputs,
+            outputs,
+            storage_options,
+            capture_output,
+            cache,
         )
         return self._work.imap(fn, iterables, options, ordered=ordered)
 
@@ -445,6 +477,7 @@ class Pool:
         timeout: float | None = None,
         on_error: str = "raise",
         progress: Any = None,
+        capture_output: bool = True,
     ) -> list[Any]:
         """Run a shell command once per item; return one :class:`~cloudmap.CommandResult`
         per item, in order.
@@ -465,7 +498,16 @@ class Pool:
         those of :meth:`map`.
         """
         options = MapOptions(
-            None, None, retries, timeout, on_error, progress, inputs, outputs, storage_options
+            None,
+            None,
+            retries,
+            timeout,
+            on_error,
+            progress,
+            inputs,
+            outputs,
+            storage_options,
+            capture_output,
         )
         return self._work.run(command, items, options)
 
