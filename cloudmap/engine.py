@@ -11,8 +11,10 @@ not know which provider made the slots.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -165,6 +167,7 @@ class MapEngine:
         self._failure: TaskError | None = None  # raised once in-flight tasks have drained
         self._drain_deadline = 0.0
         self._running_counted = 0.0
+        self._cancelled = threading.Event()
 
     # -- public -----------------------------------------------------------------------
 
@@ -189,6 +192,8 @@ class MapEngine:
         try:
             # Not exhausted with nothing in flight: the submit pace held the next task back.
             while self._tasks or self._retry or not self._exhausted:
+                if self._cancelled.is_set():
+                    raise concurrent.futures.CancelledError("the map was cancelled")
                 self._raise_failure_when_drained()
                 try:
                     task, kind, payload = self._done.get(timeout=0.1)
@@ -210,7 +215,7 @@ class MapEngine:
                 self._report()
             self._raise_failure_when_drained()
             yield from self._ready()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, concurrent.futures.CancelledError):
             self._abort(kill_running=True)
             raise
         except BaseException:
@@ -218,6 +223,12 @@ class MapEngine:
             raise
         finally:
             self._close_reporter()
+
+    def cancel(self) -> None:
+        """Stop this map from another thread, as Ctrl-C stops a blocking one: the thread
+        iterating :meth:`chunks` raises ``concurrent.futures.CancelledError`` within 0.1 s,
+        after dropping what is queued and ending the slot processes that run its tasks."""
+        self._cancelled.set()
 
     def _more_done(self) -> Iterator[tuple[_Task, str, Any]]:
         """Outcomes already waiting, without waiting for more (at most one window's)."""
