@@ -587,6 +587,7 @@ def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], i
             lengths.append(len(iterable))  # type: ignore[arg-type]
         except TypeError:
             lengths.append(None)
+        self._exhausted = True  # a stopped map has no backlog for autoscale to serve
     known = [n for n in lengths if n is not None]
     if len(set(known)) > 1:
         raise InputError(
