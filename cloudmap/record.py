@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import pickle
@@ -34,6 +35,7 @@ from .pricing import spend
 from .samples import ScalingSample
 
 if TYPE_CHECKING:
+    from .cluster import DaskCluster
     from .pool import Pool
 
 #: A record keeps the pickled function and items for :func:`rerun` up to this many bytes.
@@ -49,6 +51,9 @@ class RunRecord:
     """One map: what ran (``function``, ``code_hash``, ``options``, ``items``), where
     (``pool_plan``, ``client_versions``, ``node_versions``) and how it went (``started``,
     ``ended``, ``status``, ``scaling``, ``cost``).
+
+    ``payload`` (the pickled function and items, base64) and ``items_hash`` are filled
+    when the record is saved or checked for :attr:`rerunnable`.
 
     ``status`` is "finished", "failed" (an item failed for good: see ``error``) or
     "cancelled". ``cost`` is in ``currency`` over the run's scaling samples, None where the
@@ -84,10 +89,25 @@ class RunRecord:
 
     @property
     def rerunnable(self) -> bool:
-        """True when the record holds the function and items (else rerun needs items=)."""
+        """True when the record holds the function (rerun may still need items=)."""
+        self._pickle_for_rerun()
         return bool(self.payload)
 
+    def keep_for_rerun(self, fn: Any, iterables: tuple[Iterable[Any], ...]) -> None:
+        """Hold the function and items until the record is saved or rerun, when they are
+        pickled into ``payload`` (and hashed into ``items_hash``): most records are never
+        saved, and pickling a million items at the end of every map would slow it down.
+        Inputs too large to keep, and generators, are not held."""
+        small = all(_sized(it) for it in iterables) and _small(iterables)
+        self.__dict__["_rerun_source"] = (fn, iterables if small else None)
+
+    def _pickle_for_rerun(self) -> None:
+        source = self.__dict__.pop("_rerun_source", None)
+        if source is not None:
+            self.payload, self.items_hash = _payload(*source)
+
     def to_json(self) -> str:
+        self._pickle_for_rerun()
         return json.dumps({"format": FORMAT, **asdict(self)}, indent=1, default=str)
 
     def save(self, path: str, **storage_options: Any) -> str:
@@ -139,7 +159,7 @@ def rerun(record: RunRecord | str, pool: Pool, *, items: Iterable[Any] | None = 
         record = RunRecord.load(record)
     if not isinstance(record, RunRecord):
         raise InputError(f"rerun needs a RunRecord or the path of a saved one, not {record!r}")
-    if not record.payload:
+    if not record.rerunnable:
         raise InputError(
             f"this record of {record.function} does not hold the function (it was over "
             f"{PAYLOAD_LIMIT // 2**20} MB pickled, or could not be pickled); run "
@@ -170,22 +190,22 @@ def rerun(record: RunRecord | str, pool: Pool, *, items: Iterable[Any] | None = 
 class RecordMaker:
     """Makes the records of one pool's maps: it knows the pool's parts a record describes.
 
-    Node versions are asked once per node (one call to a slot of each node not asked
-    before), so a record of a long-lived pool costs one round trip at most.
+    A record must not slow a map down: the client's versions are read once per process,
+    node versions once per node (one out-of-band call to a slot of each node not asked
+    before), and the function and items are pickled for a rerun only when the record is
+    saved or rerun, not when the map ends.
     """
 
     def __init__(
         self,
+        cluster: DaskCluster,
         *,
         provider: Callable[[], Any],
         history: Callable[[], list[ScalingSample]],
-        node_versions: Callable[[list[str]], dict[str, dict[str, str]]],
-        serving_nodes: Callable[[], list[str]],
     ) -> None:
+        self._cluster = cluster
         self._provider = provider
         self._history = history
-        self._ask_versions = node_versions
-        self._serving_nodes = serving_nodes
         self._known_versions: dict[str, dict[str, str]] = {}
         self.last: RunRecord | None = None
 
@@ -204,7 +224,7 @@ class RecordMaker:
             items=-1 if items is None else items,
             options={name: getattr(options, name) for name in RERUN_OPTIONS},
             started=_now(),
-            client_versions=versions(),
+            client_versions=dict(_client_versions()),
         )
         provider = self._provider()
         record.provider = provider.name
@@ -224,10 +244,9 @@ class RecordMaker:
         error: BaseException | None = None,
     ) -> None:
         """Finish ``record``: end time, status, scaling over the run, cost, node versions,
-        and the pickled function and items a rerun needs (made now, not at the start, so
-        that a map's first task is never held back by pickling its input twice)."""
+        and what a rerun needs."""
         record.ended = _now()
-        record.payload, record.items_hash = _payload(fn, iterables)
+        record.keep_for_rerun(fn, iterables)
         record.status = status
         record.error = "" if error is None else f"{type(error).__name__}: {error}"
         started, ended = _parse(record.started), _parse(record.ended)
@@ -249,14 +268,25 @@ class RecordMaker:
 
     def node_versions(self) -> dict[str, dict[str, str]]:
         """Package versions of each node serving now (asking only nodes new to this pool)."""
-        serving = self._serving_nodes()
-        new = [node for node in serving if node not in self._known_versions]
+        slots = self._cluster.slots_by_node()
+        first_slot = {node: joined[0][0] for node, joined in slots.items() if joined}
+        new = {node: slot for node, slot in first_slot.items() if node not in self._known_versions}
         if new:
             # A node that left meanwhile: its versions stay unknown.
             with contextlib.suppress(Exception):
-                self._known_versions.update(self._ask_versions(new))
+                answers = self._cluster.run_on_slots(list(new.values()), versions)
+                for node, slot in new.items():
+                    if slot in answers:
+                        self._known_versions[node] = answers[slot]
         known = self._known_versions
-        return {node: known[node] for node in serving if node in known}
+        return {node: known[node] for node in first_slot if node in known}
+
+
+@functools.cache
+def _client_versions() -> dict[str, str]:
+    """The client's :func:`~cloudmap.node.compat.versions`, read once (it reads package
+    metadata from disk, a few milliseconds)."""
+    return versions()
 
 
 def items_hash(items: Any) -> str:
@@ -268,10 +298,11 @@ def items_hash(items: Any) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def _payload(fn: Any, iterables: tuple[Iterable[Any], ...]) -> tuple[str, str]:
-    """(base64 pickle of the function and items, hash of the items) within the limit."""
+def _payload(fn: Any, iterables: tuple[Iterable[Any], ...] | None) -> tuple[str, str]:
+    """(base64 pickle of the function and items, hash of the items), within the limit;
+    ``iterables`` None when the items were not kept."""
     items: Any = None
-    if all(_sized(it) for it in iterables) and _small(iterables):
+    if iterables is not None:
         items = iterables[0] if len(iterables) == 1 else list(zip(*iterables, strict=True))
     try:
         blob = cloudpickle.dumps((fn, items), protocol=pickle.HIGHEST_PROTOCOL)
