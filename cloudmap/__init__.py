@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import joblib_registration
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -54,6 +56,10 @@ _EXPORTS = {
     "TaskTimeoutError": "cloudmap.errors",
     "UnknownProviderError": "cloudmap.errors",
     "WorkerLostError": "cloudmap.errors",
+    "current_pool": "cloudmap.module_api",
+    "imap": "cloudmap.module_api",
+    "map": "cloudmap.module_api",
+    "submit": "cloudmap.module_api",
 }
 
 __all__ = [
@@ -95,8 +101,11 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownProviderError",
     "WorkerLostError",
+    "current_pool",
     "item_rng",
 ]
+# Not in __all__: cloudmap.map, cloudmap.imap, cloudmap.submit (`from cloudmap import *` must
+# not shadow the builtin map).
 
 if TYPE_CHECKING:
     from .autoscale import Autoscale
@@ -123,6 +132,10 @@ if TYPE_CHECKING:
         WorkerLostError,
     )
     from .futures import Future, PoolExecutor
+    from .module_api import current_pool
+    from .module_api import imap as imap
+    from .module_api import map as map
+    from .module_api import submit as submit
     from .mpi import MpiResult
     from .nodes import NodeInfo, NodeState, StartTaskInfo
     from .pool import Pool
@@ -135,6 +148,9 @@ if TYPE_CHECKING:
     from .watching import FuturesWatch
     from .widgets.pool_widget import PoolWidget
     from .widgets.progress_widget import ProgressWidget
+
+# joblib learns the name "cloudmap" now, or when it is imported (without importing it here).
+joblib_registration.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -191,9 +191,17 @@ class Pool:
         self._finalizer()
 
     def __enter__(self) -> Pool:
+        """Make this the current pool (``cloudmap.map``, joblib's ``"cloudmap"`` backend)
+        until the block ends; the block's end closes it."""
+        from . import current
+
+        current.push(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        from . import current
+
+        current.pop(self)
         self.close()
 
     @property
