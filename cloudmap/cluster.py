@@ -37,7 +37,8 @@ from .failures import LossCause, TaskLoss
 from .loops import poll_until
 from .node.runner import exit_slot, run_batch
 from .nodes import node_of
-from .payload import STARTED_TOPIC, TIMEOUT_TOPIC
+from .payload import OUTPUT_TOPIC, STARTED_TOPIC, TIMEOUT_TOPIC
+from .task_output import deliver as deliver_output
 
 
 class _DropKilledWorkerNoise(logging.Filter):
@@ -183,6 +184,7 @@ class DaskCluster:
         _shorten_batching_interval(self.client)
         self.client.subscribe_topic(TIMEOUT_TOPIC, self._on_timeout_event)
         self.client.subscribe_topic(STARTED_TOPIC, self._on_started_event)
+        self.client.subscribe_topic(OUTPUT_TOPIC, _on_output_event)
 
     def _watch_reconnects(self) -> None:
         async def watch() -> None:
@@ -573,6 +575,11 @@ class SchedulerUnreachableError(OSError):
     def __init__(self, address: str, cause: BaseException) -> None:
         super().__init__(f"could not connect to the pool's scheduler at {address}: {cause}")
         self.address = address
+
+
+def _on_output_event(event: tuple[float, Any]) -> None:
+    """What items printed, on its way to their map (:mod:`cloudmap.task_output`)."""
+    deliver_output(event[1])
 
 
 def _dropped_with_connection(error: BaseException) -> bool:

@@ -44,7 +44,8 @@ from .payload import (
     item_bytes,
     load_result,
 )
-from .progress import ProgressCounts, make_reporter
+from .progress import ProgressCounts, make_reporter, output_writer
+from .task_output import TaskOutput
 
 #: Backlog reported for an input of unknown length that is not exhausted: "a lot".
 UNKNOWN_BACKLOG_TASKS = 1_000_000
@@ -148,6 +149,8 @@ class MapEngine:
         self._on_error = options.on_error
         self._ordered = ordered
         self._reporter = make_reporter(options.progress)
+        # What the items print, shown from the thread that runs this map (task_output).
+        self._output = TaskOutput() if options.capture_output else None
         self._label = label
         self._sizer = BatchSizer(fixed=options.batch_size)
         self._pace = SubmitPace()
@@ -175,6 +178,8 @@ class MapEngine:
         """Submit the first window of tasks, so work begins before anyone iterates."""
         if self._reporter is not None:
             self._reporter.start(self._counts, self._label)
+        if self._output is not None:
+            self._output.open(output_writer(self._reporter))
         try:
             self._refill()
         except BaseException:
@@ -201,6 +206,7 @@ class MapEngine:
                     self._check_alive(deadline)
                     self._refill()  # slots may have joined (a resize, autoscale)
                     self._report()  # tasks may have started: running, elapsed, ETA move
+                    self._show_output()
                     continue
                 if self._tasks.pop(task.key, None) is not None:
                     self._handle(task, kind, payload)
@@ -211,6 +217,7 @@ class MapEngine:
                     if self._tasks.pop(task.key, None) is not None:
                         self._handle(task, kind, payload)
                 self._refill()
+                self._show_output()
                 yield from self._ready()
                 self._report()
             self._raise_failure_when_drained()
@@ -344,7 +351,15 @@ class MapEngine:
     def _packed(
         self, task: _Task, indices: range | list[int], items: Sequence[Any]
     ) -> tuple[_Task, bytes]:
-        batch = Batch(self._call, self._seed, self._timeout, indices, items, self._sizer.budget)
+        batch = Batch(
+            self._call,
+            self._seed,
+            self._timeout,
+            indices,
+            items,
+            self._sizer.budget,
+            None if self._output is None else self._output.tag,
+        )
         try:
             return task, dump_items_batch(batch)
         except SerializationError as exc:
@@ -522,7 +537,16 @@ class MapEngine:
         self._failure.results = self.buffered_results()
         raise self._failure
 
+    def _show_output(self) -> None:
+        if self._output is not None and self._output.waiting:
+            self._output.show()
+
     def _close_reporter(self) -> None:
+        """Show the items' last lines (and what the rate limit held back), then close the
+        progress display, which may be where the lines go."""
+        if self._output is not None:
+            output, self._output = self._output, None
+            output.close()
         if self._reporter is not None:
             self._counts.running = min(self._counts.running, self._counts.in_flight)
             self._reporter.close(self._counts)

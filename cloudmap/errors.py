@@ -70,6 +70,10 @@ class RemoteException(CloudmapError):
         return (type(self), (self.type_name, str(self).split(": ", 1)[-1]))
 
 
+#: Lines of a failed item's output that its TaskError's message shows (all are in .output).
+OUTPUT_LINES_SHOWN = 10
+
+
 class TaskError(CloudmapError):
     """An item failed on the pool after all its attempts.
 
@@ -92,6 +96,10 @@ class TaskError(CloudmapError):
         The traceback as printed on the node.
     results : dict
         With ``on_error="raise"``: every result finished before the failure, by index.
+    output : str
+        What the item printed and logged in its last attempt (its last 64 KB), when the map
+        captures output (``capture_output=True``, the default); the message shows the last
+        lines. Everything is in the slot's log too.
     """
 
     def __init__(
@@ -105,8 +113,10 @@ class TaskError(CloudmapError):
         attempts: int = 1,
         preemptions: int = 0,
         item: Any = None,
+        output: str = "",
     ) -> None:
         self.index = index
+        self.output = output
         self.exception = exception
         self.remote_traceback = remote_traceback
         self.node = node
@@ -124,6 +134,11 @@ class TaskError(CloudmapError):
         )
         if remote_traceback:
             message += "\n\nRemote traceback:\n" + remote_traceback.rstrip()
+        if output.strip():
+            lines = output.rstrip("\n").split("\n")
+            shown = lines[-OUTPUT_LINES_SHOWN:]
+            cut = "" if len(shown) == len(lines) else f", last {len(shown)} of {len(lines)}"
+            message += f"\n\nThe item's output (.output{cut}):\n" + "\n".join(shown)
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -140,6 +155,7 @@ def _rebuild_task_error(index: int, state: dict[str, Any]) -> TaskError:
         attempts=state["attempts"],
         preemptions=state.get("preemptions", 0),
         item=state["item"],
+        output=state.get("output", ""),
     )
     error.results = state.get("results", {})
     return error

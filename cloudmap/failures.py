@@ -96,4 +96,5 @@ def item_error(
         attempts=attempts,
         preemptions=preemptions,
         item=item,
+        output=error.output,
     )

@@ -25,6 +25,14 @@ CALL_ARGS = 2  # fn(*args, **kwargs): item is (args, kwargs), used by submit
 #: Dask event topics a slot uses to tell the client what Dask itself does not report.
 TIMEOUT_TOPIC = "cloudmap-timeout"  # an item overran: the partial result, sent before dying
 STARTED_TOPIC = "cloudmap-started"  # a task began on this slot (so a death can be attributed)
+#: What items print and log, sent while they run (see cloudmap.task_output): a message is
+#: {"tag": the map's output tag, "key": task key, "slot": slot name, "lines": [[index,
+#: stream, text], ...], "dropped": lines this slot held back since its last message}. (Not
+#: "worker": the scheduler sets that key of a slot's event to the slot's address.)
+OUTPUT_TOPIC = "cloudmap-output"
+#: The ``stream`` of an output line.
+STDOUT = 0
+STDERR = 1
 
 
 class Batch(NamedTuple):
@@ -35,6 +43,10 @@ class Batch(NamedTuple):
     new item once the batch has run that long, and reports how many it completed; the map
     engine sends the rest again. A batch whose size is still a guess can then be large
     without risking a long task: this is how the first batches of a map may be big.
+
+    With an ``output`` tag (the map's), the slot captures what the items print and log and
+    sends it to the client under that tag while they run (:data:`OUTPUT_TOPIC`); None
+    (``capture_output=False``, ``submit``) leaves it in the slot's log only.
     """
 
     call: int
@@ -43,16 +55,23 @@ class Batch(NamedTuple):
     indices: range | list[int]
     items: Sequence[Any]
     budget: float | None = None
+    output: str | None = None
 
 
 @dataclass
 class RemoteError:
-    """One item's failure as it travels back: the exception if it pickles, else its text."""
+    """One item's failure as it travels back: the exception if it pickles, else its text.
+
+    ``output`` is what the item printed and logged before it failed (its last lines, at
+    most about 64 KB) when its map captures output: the error shows it where the live
+    lines were cut by the rate limit.
+    """
 
     exception_blob: bytes
     type_name: str
     message: str
     traceback: str
+    output: str = ""
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> RemoteError:

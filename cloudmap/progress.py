@@ -4,6 +4,10 @@ The map engine calls ``start``, ``update`` and ``close`` on a reporter with a
 :class:`ProgressCounts`. In a terminal the reporter is a tqdm bar; in a Jupyter kernel, the
 progress widget that cloudmap registers with :func:`set_notebook_reporter`.
 :func:`set_default_reporter_factory` replaces both.
+
+A reporter may also take what the map's items print (:class:`OutputReporter`): the engine
+then hands it those lines instead of printing them itself, which is how they stay with the
+display (under the right cell, or above a tqdm bar without breaking it).
 """
 
 from __future__ import annotations
@@ -60,6 +64,26 @@ class ProgressReporter(Protocol):
     def close(self, counts: ProgressCounts) -> None: ...
 
 
+@runtime_checkable
+class OutputReporter(Protocol):
+    """The optional part of a reporter: it shows what the items print and log.
+
+    ``text`` is one or more complete lines, each ending in a newline and prefixed with its
+    item and node (``[item 12 node-1] ...``); ``stream`` is "stdout" or "stderr". It may be
+    called from the thread that runs the map, which is not always the cell's (a non-blocking
+    map runs in a background thread), and never blocks for long.
+    """
+
+    def write_output(self, text: str, stream: str) -> None: ...
+
+
+def output_writer(reporter: ProgressReporter | None) -> Callable[[str, str], None] | None:
+    """The reporter's :meth:`OutputReporter.write_output`, or None when it has none."""
+    if isinstance(reporter, OutputReporter):
+        return reporter.write_output
+    return None
+
+
 ReporterFactory = Callable[[], ProgressReporter | None]
 
 _default_factory: ReporterFactory | None = None
@@ -113,6 +137,16 @@ class TqdmReporter:
             self.update(counts)
             self._bar.close()
             self._bar = None
+
+    def write_output(self, text: str, stream: str) -> None:
+        """Items' lines above the bar (``tqdm.write``), which is redrawn below them."""
+        file = sys.stderr if stream == "stderr" else sys.stdout
+        if self._bar is None:
+            file.write(text)
+            return
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=file, end="")
 
 
 def make_reporter(progress: Any) -> ProgressReporter | None:

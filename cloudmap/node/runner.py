@@ -6,16 +6,23 @@ per-item ``timeout``, a watchdog thread ends the whole slot process when an item
 (a Python thread cannot be stopped any other way); before it does, it sends the items
 finished so far and the culprit's index to the client as a Dask event, and the node agent
 starts a fresh slot process in its place.
+
+When the batch asks for it (``Batch.output``), what the items print on stdout and stderr,
+log, and warn is captured line by line, tagged with the item's index, sent to the client
+while the batch runs, and still written to the slot's log (see :class:`_Capture`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import logging
 import os
+import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,13 +33,17 @@ from ..payload import (
     CALL_ARGS,
     CALL_ONE,
     CALL_STAR,
+    OUTPUT_TOPIC,
     STARTED_TOPIC,
+    STDERR,
+    STDOUT,
     TIMEOUT_TOPIC,
     BatchResult,
     RemoteError,
     dump_result,
     load_batch,
 )
+from ..task_output import SLOT_LIMIT, TokenBucket
 
 #: Exit status of a slot process ended by the timeout watchdog (the node agent restarts it).
 TIMEOUT_EXIT_CODE = 75
@@ -42,6 +53,12 @@ CANCEL_CHECK_SECONDS = 0.05
 #: BUDGET_RUN_MAX items) while it takes less than BUDGET_CHECK_SECONDS.
 BUDGET_CHECK_SECONDS = 0.001
 BUDGET_RUN_MAX = 4096
+#: Captured output: lines go to the client at most this often (seconds) per slot...
+OUTPUT_FLUSH_SECONDS = 0.2
+#: ...each cut to this many characters (the whole line stays in the slot's log)...
+OUTPUT_LINE_CHARS = 1000
+#: ...and a failing item's error carries the last this-many characters of its output.
+ITEM_OUTPUT_CHARS = 64_000
 
 _functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 _functions_lock = threading.Lock()
@@ -85,17 +102,27 @@ def run_batch(fn_blob: bytes, batch_blob: bytes) -> bytes:
         values: list[Any] = [None] * len(batch.items)
         return dump_result(BatchResult(context.worker, 0.0, values, errors, len(values)))
     deadline = None if batch.budget is None else started + batch.budget
-    values, errors, completed = _call_items(fn, batch, context, deadline)
+    capture = None if batch.output is None else _Capture.begin(batch, context)
+    try:
+        values, errors, completed = _call_items(fn, batch, context, deadline, capture)
+    finally:
+        if capture is not None:
+            capture.end()
     elapsed = time.perf_counter() - started
     return dump_result(BatchResult(context.worker, elapsed, values, errors, completed))
 
 
 def _call_items(
-    fn: Callable[..., Any], batch: Any, context: _TaskContext, deadline: float | None = None
+    fn: Callable[..., Any],
+    batch: Any,
+    context: _TaskContext,
+    deadline: float | None = None,
+    capture: _Capture | None = None,
 ) -> tuple[list[Any], dict[int, RemoteError], int]:
     """Call ``fn`` on the batch's items: (values, errors by position, items completed).
 
-    Past ``deadline`` (``time.perf_counter``), no new item is started.
+    Past ``deadline`` (``time.perf_counter``), no new item is started. With ``capture``,
+    a failing item's error carries its output.
     """
     items = batch.items
     count = len(items)
@@ -107,6 +134,8 @@ def _call_items(
         # record it and let the careful loop below carry on after that item, so that no
         # item is ever called twice.
         append = values.append
+        if capture is not None:
+            capture.values = values  # the item running is the next one appended
         try:
             if deadline is None:
                 for item in items:
@@ -114,10 +143,13 @@ def _call_items(
             else:
                 _call_until(fn, items, append, deadline)
         except BaseException as exc:
-            errors[len(values)] = RemoteError.from_exception(exc)
+            position = len(values)
+            errors[position] = _item_error(exc, capture, batch.indices[position])
             append(None)
         else:
             return values, errors, len(values)
+    if capture is not None:
+        capture.values = None  # from here on, _state.index says which item runs
     start = len(values)
     values.extend([None] * (count - start))
     rng_for = _rng_factory(batch.seed)
@@ -147,11 +179,18 @@ def _call_items(
                 args, call_kwargs = item
                 values[position] = fn(*args, **call_kwargs, **kwargs)
         except BaseException as exc:  # SystemExit from user code must not end the slot
-            errors[position] = RemoteError.from_exception(exc)
+            errors[position] = _item_error(exc, capture, batch.indices[position])
         finally:
             if watchdog is not None:
                 watchdog.disarm()
     return values, errors, count
+
+
+def _item_error(exc: BaseException, capture: _Capture | None, index: int) -> RemoteError:
+    error = RemoteError.from_exception(exc)
+    if capture is not None:
+        error.output = capture.output_of(index)
+    return error
 
 
 def _call_until(
@@ -208,6 +247,260 @@ def _rng_factory(seed: int | None) -> Callable[[int], Any] | None:
     return lambda index: item_rng(seed, index)
 
 
+class _Capture:
+    """What the items of one batch print, log and warn, as lines tagged with their index.
+
+    Set up once per batch, not per item: ``sys.stdout`` and ``sys.stderr`` become
+    :class:`_Tee` streams that write through to the slot's log as before and hand the task
+    thread's text here, and a :class:`_LogCapture` handler on the root logger catches
+    records that no handler of the user's writes to those streams. Which item wrote a line
+    costs nothing per item: in the runner's fast path it is the next to be appended to the
+    batch's ``values`` (``len(values)`` when the line is written), elsewhere the item the
+    careful loop set in ``_state.index``.
+
+    Lines go to the client under the map's tag (:data:`~cloudmap.payload.OUTPUT_TOPIC`) at
+    most every :data:`OUTPUT_FLUSH_SECONDS`, within the slot's own rate limit
+    (:data:`~cloudmap.task_output.SLOT_LIMIT`, kept across batches): lines past it are
+    only counted, so a chatty function cannot flood the scheduler. The current item's last
+    :data:`ITEM_OUTPUT_CHARS` are kept too, for its error if it fails.
+    """
+
+    #: The capture of the batch running in this slot process (the watchdog reads it).
+    active: _Capture | None = None
+    #: The slot's rate limit: one bucket per process, so that many small batches of a
+    #: chatty function share it.
+    limit = TokenBucket(*SLOT_LIMIT)
+
+    def __init__(self, batch: Any, context: _TaskContext) -> None:
+        self.thread = threading.get_ident()
+        self.values: list[Any] | None = None
+        self._indices = batch.indices
+        self._tag = batch.output
+        self._context = context
+        self._lock = threading.Lock()
+        self._pending: list[list[Any]] = []
+        self._dropped = 0
+        self._flush_due = False
+        self._partial: dict[int, tuple[int, str]] = {}  # stream -> (index, unfinished line)
+        self._item = -1
+        self._item_text: deque[str] = deque()
+        self._item_chars = 0
+        self._item_cut = 0
+        self._restore: list[tuple[str, Any, _Tee]] = []
+        self._wrote = False
+
+    @classmethod
+    def begin(cls, batch: Any, context: _TaskContext) -> _Capture:
+        capture = cls(batch, context)
+        for name, stream in (("stdout", STDOUT), ("stderr", STDERR)):
+            original = getattr(sys, name)
+            if original is None:
+                continue
+            tee = _Tee(original, stream, capture)
+            setattr(sys, name, tee)
+            capture._restore.append((name, original, tee))
+        _LogCapture.shared().capture = capture
+        logging.getLogger().addHandler(_LogCapture.shared())
+        cls.active = capture
+        return capture
+
+    def end(self) -> None:
+        """Put the streams back, finish unterminated lines and send what is pending."""
+        if _Capture.active is self:
+            _Capture.active = None
+        handler = _LogCapture.shared()
+        logging.getLogger().removeHandler(handler)
+        handler.capture = None
+        for name, original, tee in self._restore:
+            tee.capture = None  # a handler the function made may keep the tee: it passes on
+            if getattr(sys, name) is tee:
+                setattr(sys, name, original)
+            if self._wrote:  # the slot's log is a file: let it show the batch's lines now
+                with contextlib.suppress(Exception):
+                    original.flush()
+        self.finish()
+
+    def finish(self) -> None:
+        """Send every line so far now, unterminated ones included (the batch is over, or
+        the watchdog is about to end the slot)."""
+        with self._lock:
+            for stream, (index, text) in self._partial.items():
+                if text:
+                    self._line(index, stream, text)
+            self._partial.clear()
+        self.flush()
+
+    def index(self) -> int:
+        """The input index of the item running now."""
+        values = self.values
+        if values is None:
+            return _state.index
+        position = len(values)
+        return self._indices[min(position, len(self._indices) - 1)]
+
+    def write(self, stream: int, text: str) -> None:
+        """Text the task thread wrote to ``stream``: complete lines are captured."""
+        index = self.index()
+        self._wrote = True
+        with self._lock:
+            held_index, held = self._partial.get(stream, (index, ""))
+            if held and held_index != index:  # the last item ended its output without "\n"
+                self._line(held_index, stream, held)
+                held = ""
+            lines = (held + text).split("\n")
+            self._partial[stream] = (index, lines.pop())
+            for line in lines:
+                self._line(index, stream, line)
+            self._schedule_flush()
+
+    def _line(self, index: int, stream: int, line: str) -> None:
+        """Keep one line for the item's error and send it, if the slot's limit allows."""
+        if index != self._item:
+            self._item, self._item_chars, self._item_cut = index, 0, 0
+            self._item_text.clear()
+        kept = line if len(line) < ITEM_OUTPUT_CHARS else "..." + line[-ITEM_OUTPUT_CHARS:]
+        self._item_text.append(kept + "\n")
+        self._item_chars += len(kept) + 1
+        while self._item_chars > ITEM_OUTPUT_CHARS and len(self._item_text) > 1:
+            cut = self._item_text.popleft()
+            self._item_chars -= len(cut)
+            self._item_cut += len(cut)
+        if self._tag is None:
+            return
+        if not _Capture.limit.take(time.monotonic()):
+            self._dropped += 1
+            return
+        if len(line) > OUTPUT_LINE_CHARS:
+            more = len(line) - OUTPUT_LINE_CHARS
+            line = f"{line[:OUTPUT_LINE_CHARS]}... [{more:,} more characters in the slot log]"
+        self._pending.append([index, stream, line])
+
+    def output_of(self, index: int) -> str:
+        """The last lines item ``index`` wrote (its unterminated last line too)."""
+        with self._lock:
+            if index != self._item:
+                text = ""
+            else:
+                text = "".join(self._item_text)
+                if self._item_cut:
+                    text = (
+                        f"[... {self._item_cut:,} earlier characters are in the slot log]\n{text}"
+                    )
+            for held_index, held in self._partial.values():
+                if held and held_index == index:
+                    text += held + "\n"
+            return text
+
+    def _schedule_flush(self) -> None:
+        if self._flush_due or not (self._pending or self._dropped):
+            return
+        self._flush_due = True
+        self._context.call_later(OUTPUT_FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Send the pending lines (on the slot's event loop, or from the task thread)."""
+        with self._lock:
+            lines, dropped = self._pending, self._dropped
+            self._pending, self._dropped, self._flush_due = [], 0, False
+        if lines or dropped:
+            message = {
+                "tag": self._tag,
+                "key": str(self._context.key),
+                "slot": self._context.worker,
+                "lines": lines,
+                "dropped": dropped,
+            }
+            self._context.send_event(OUTPUT_TOPIC, message)
+
+
+class _Tee:
+    """``sys.stdout`` or ``sys.stderr`` while a batch captures: writes go on to the slot's
+    log, and the task thread's also to the capture. Anything else is the original's."""
+
+    def __init__(self, original: Any, stream: int, capture: _Capture) -> None:
+        self.original = original
+        self.stream = stream
+        self.capture: _Capture | None = capture
+
+    def write(self, text: str) -> int:
+        written = self.original.write(text)
+        capture = self.capture
+        if capture is not None and threading.get_ident() == capture.thread and text:
+            capture.write(self.stream, str(text))
+        return written
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.original.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.original, name)
+
+
+class _LogCapture(logging.Handler):
+    """Catches the task thread's log records that would not otherwise reach a captured
+    stream: with no handler of the user's, Python shows WARNING and above on stderr (its
+    "last resort"); this does the same, through the captured stderr. Records the user's
+    handlers write to ``sys.stdout`` or ``sys.stderr`` are captured there, not twice."""
+
+    _instance: _LogCapture | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capture: _Capture | None = None
+        self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+
+    @classmethod
+    def shared(cls) -> _LogCapture:
+        """One handler per slot process, added to the root logger for each batch."""
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def emit(self, record: logging.LogRecord) -> None:
+        capture = self.capture
+        if capture is None or threading.get_ident() != capture.thread:
+            return
+        others, teed = _handlers_of(record, self)
+        if teed:
+            return  # a handler of the user's writes it to a captured stream
+        last_resort = logging.lastResort
+        if not others and (last_resort is None or record.levelno < last_resort.level):
+            return  # Python would not show it either
+        try:
+            text = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        if others:
+            capture.write(STDERR, text)  # it went elsewhere (a file): shown, not teed
+        else:
+            sys.stderr.write(text)  # in Python's place: to the slot's log, and captured
+
+
+def _handlers_of(record: logging.LogRecord, own: logging.Handler) -> tuple[bool, bool]:
+    """(whether other handlers take ``record``, whether one writes to a captured stream),
+    following the logger hierarchy as ``Logger.callHandlers`` does."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    if record.name == "root":
+        logger = logging.getLogger()
+    others = teed = False
+    while logger is not None:
+        for handler in logger.handlers:
+            if handler is own or record.levelno < handler.level:
+                continue
+            others = True
+            if isinstance(getattr(handler, "stream", None), _Tee):
+                teed = True
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return others, teed
+
+
 class _TaskContext:
     """Who is running this task: the Dask worker and task key, when inside a worker."""
 
@@ -245,6 +538,16 @@ class _TaskContext:
     def send_event(self, topic: str, message: dict[str, Any]) -> None:
         if self._worker is not None:
             self._worker.log_event(topic, message)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the slot's event loop in ``delay`` seconds (from any thread).
+
+        Outside a worker there is no loop: nothing is scheduled (the end of the batch
+        sends what is left).
+        """
+        loop = getattr(self._worker, "loop", None)
+        if loop is not None:
+            loop.add_callback(loop.call_later, delay, callback)
 
     def send_soon(self, topic: str, message: dict[str, Any]) -> _Written:
         """Send an event at once; ``wait()`` on the answer until it is written to the socket.
@@ -361,6 +664,10 @@ class _Watchdog:
         )
         partial_errors = {p: e for p, e in errors.items() if p < position}
         partial_errors[position] = RemoteError.from_exception(overrun)
+        capture = _Capture.active
+        if capture is not None:
+            partial_errors[position].output = capture.output_of(_state.index)
+            capture.finish()  # the culprit's last lines go out before the slot ends
         partial = BatchResult(
             context.worker, timeout, [*values[:position], None], partial_errors, position + 1
         )

@@ -4,6 +4,10 @@ The map engine calls ``update`` from the thread that runs the map (the cell's th
 least every 0.1 s while it waits, so the widget moves while ``map`` blocks the cell. The
 widget redraws at most every :data:`MIN_REDRAW` seconds: a map of tiny items reports
 thousands of times a second, and each redraw is a message to the browser.
+
+What the items print comes to ``write_output`` and goes into an output area under the bar:
+an ipywidgets ``Output`` appended to with ``append_stdout``, which stays under the widget's
+own cell whichever thread runs the map (a non-blocking map runs in a background thread).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ MIN_REDRAW = 0.2
 
 class ProgressWidget:
     """A reporter (see :class:`cloudmap.ProgressReporter`) that draws a stacked bar of done,
-    failed, running and queued items, the rate, elapsed time and ETA, and a list of failures
-    that opens to their tracebacks.
+    failed, running and queued items, the rate, elapsed time and ETA, what the items print
+    (``output``, an area under the bar), and a list of failures that opens to their
+    tracebacks and each failed item's own output.
 
     Pass ``display=False`` to place ``.widget`` yourself (in a dashboard, say) instead of
     having it shown under the cell when the work starts.
@@ -35,6 +40,8 @@ class ProgressWidget:
         self._display = display
         # Few widget models: each is a message to open, and a map may be short.
         self.summary = widgets.HTML(layout=widgets.Layout(width="100%"))
+        #: The items' printed and logged lines, made when the first line arrives.
+        self.output: widgets.Output | None = None
         #: The expandable failure list, made when the first item fails.
         self.failures: widgets.Accordion | None = None
         self.failure_list: widgets.HTML | None = None
@@ -56,6 +63,7 @@ class ProgressWidget:
         self._started = time.monotonic()
         self._rate = RateMeter()  # a reporter may be reused: nothing of the last run counts
         self._failures_drawn = -1
+        self._drop_output()
         self._draw(counts, finished=False)
         if self._display:
             from IPython.display import display
@@ -72,6 +80,32 @@ class ProgressWidget:
             # Once more with the final numbers in the static text/html and text/plain
             # views, which is what GitHub, nbviewer and exports show.
             self._handle.update(self)
+
+    def write_output(self, text: str, stream: str) -> None:
+        """Lines the items printed or logged (:class:`cloudmap.progress.OutputReporter`)."""
+        with self._lock:
+            if self.output is None:
+                self.output = widgets.Output(
+                    layout=widgets.Layout(max_height="240px", overflow="auto")
+                )
+                self.output.add_class("cloudmap-progress-output")
+                rest = self.widget.children[1:]
+                self.widget.children = (self.summary, self.output, *rest)
+            if stream == "stderr":
+                self.output.append_stderr(text)
+            else:
+                self.output.append_stdout(text)
+
+    def _drop_output(self) -> None:
+        """A reused reporter starts without the last run's lines."""
+        with self._lock:
+            if self.output is None:
+                return
+            from .display import close_tree
+
+            output, self.output = self.output, None
+            self.widget.children = tuple(c for c in self.widget.children if c is not output)
+            close_tree(output)
 
     # -- drawing ---------------------------------------------------------------------------
 
@@ -102,8 +136,9 @@ class ProgressWidget:
             if self.failures is not None:
                 from .display import close_tree
 
-                self.widget.children = (self.summary,)
-                close_tree(self.failures)
+                failures = self.failures
+                self.widget.children = tuple(c for c in self.widget.children if c is not failures)
+                close_tree(failures)
                 self.failures = self.failure_list = None
             return
         if self.failures is None or self.failure_list is None:

@@ -11,6 +11,7 @@ import html
 import traceback
 
 from ..errors import TaskError
+from ..task_output import log_location
 from .summary import RARE_STATES, SEGMENTS, PoolSnapshot, ProgressSnapshot, format_duration
 
 COLOURS = {
@@ -94,7 +95,8 @@ def progress_title_html(snap: ProgressSnapshot) -> str:
 
 
 def failures_html(failures: tuple[Exception, ...], failed: int) -> str:
-    """Each failure as a collapsed entry that opens to its traceback."""
+    """Each failure as a collapsed entry that opens to its traceback, and to the item's
+    output when it printed or logged something."""
     if not failures:
         return '<div class="cloudmap-failures" data-count="0">No failures.</div>'
     entries = []
@@ -102,7 +104,8 @@ def failures_html(failures: tuple[Exception, ...], failed: int) -> str:
         summary, trace = _failure_text(error)
         entries.append(
             f"<details><summary>{_e(summary)}</summary>"
-            f'<pre style="font-size:11px;white-space:pre-wrap">{_e(trace)}</pre></details>'
+            f'<pre style="font-size:11px;white-space:pre-wrap">{_e(trace)}</pre>'
+            f"{_failure_output_html(error)}</details>"
         )
     more = (
         f'<div style="{_MUTED}">and {failed - len(failures):,} more</div>'
@@ -112,6 +115,26 @@ def failures_html(failures: tuple[Exception, ...], failed: int) -> str:
     return (
         f'<div class="cloudmap-failures" data-count="{failed}" style="font-size:12px">'
         f"{''.join(entries)}{more}</div>"
+    )
+
+
+def _failure_output_html(error: Exception) -> str:
+    """The failed item's own output (its last 64 KB), and where the whole of it is."""
+    output = getattr(error, "output", "")
+    if not isinstance(output, str) or not output:
+        return ""
+    lines = output.count("\n") or 1
+    worker = getattr(error, "worker", None)
+    where = (
+        f'<div style="{_MUTED}">All of the slot\'s output: {_e(log_location(worker))}</div>'
+        if worker
+        else ""
+    )
+    return (
+        f'<details class="cloudmap-failure-output" style="margin-left:12px">'
+        f"<summary>Output ({lines:,} lines)</summary>"
+        f'<pre style="font-size:11px;white-space:pre-wrap;max-height:300px;overflow:auto">'
+        f"{_e(output)}</pre>{where}</details>"
     )
 
 
