@@ -573,6 +573,7 @@ class MapEngine:
         handles = [task.handle for task in self._tasks.values() if task.handle is not None]
         self._tasks.clear()
         self._retry.clear()
+        self._exhausted = True  # a stopped map has no backlog for autoscale to serve
         if not handles or self._is_closed():
             return
         try:
@@ -611,7 +612,6 @@ def _open_source(iterables: tuple[Iterable[Any], ...]) -> tuple[Iterator[Any], i
             lengths.append(len(iterable))  # type: ignore[arg-type]
         except TypeError:
             lengths.append(None)
-        self._exhausted = True  # a stopped map has no backlog for autoscale to serve
     known = [n for n in lengths if n is not None]
     if len(set(known)) > 1:
         raise InputError(
