@@ -386,7 +386,15 @@ class DaskCluster:
 
     def run_on(self, worker: str, coroutine: Callable[..., Any], *args: Any) -> Any:
         """Await ``coroutine(*args)`` in one slot process (out of band, not as a task)."""
-        return self.client.run(coroutine, *args, workers=[worker])[worker]
+        return self.run_on_slots([worker], coroutine, *args)[worker]
+
+    def run_on_slots(
+        self, workers: list[str], fn: Callable[..., Any], *args: Any
+    ) -> dict[str, Any]:
+        """``fn(*args)`` in each of these slot processes at once (out of band), by slot."""
+        if not workers:
+            return {}
+        return dict(self.client.run(fn, *args, workers=list(workers)))
 
     def rebalance(self) -> int:
         """Move tasks waiting behind a running one on a busy slot to the scheduler's queue

@@ -24,7 +24,7 @@ import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
@@ -36,7 +36,15 @@ from .samples import ScalingSample
 
 if TYPE_CHECKING:
     from .cluster import DaskCluster
-    from .pool import Pool
+
+
+class Runner(Protocol):
+    """What :func:`rerun` needs of a pool (a :class:`cloudmap.Pool`)."""
+
+    def map(self, fn: Any, /, *iterables: Iterable[Any], **options: Any) -> Any: ...
+
+    def run(self, command: str, items: Iterable[Any], **options: Any) -> Any: ...
+
 
 #: A record keeps the pickled function and items for :func:`rerun` up to this many bytes.
 PAYLOAD_LIMIT = 16 * 2**20
@@ -143,7 +151,7 @@ class MapResult(list[Any]):
     record: RunRecord | None = None
 
 
-def rerun(record: RunRecord | str, pool: Pool, *, items: Iterable[Any] | None = None) -> Any:
+def rerun(record: RunRecord | str, pool: Runner, *, items: Iterable[Any] | None = None) -> Any:
     """Run the map a record describes again on ``pool``; return its results.
 
     ``record`` is a :class:`RunRecord` or the path of one saved with ``record.save``.
