@@ -31,6 +31,9 @@ _EXPORTS = {
     "Autoscale": "cloudmap.autoscale",
     "Eviction": "cloudmap.providers.eviction",
     "ScalingSample": "cloudmap.samples",
+    "Shared": "cloudmap.share",
+    "SharedDataError": "cloudmap.share",
+    "LargeFunctionWarning": "cloudmap.payload",
     "TaskCounts": "cloudmap.samples",
     "NodePrices": "cloudmap.pricing",
     "PoolWidget": "cloudmap.widgets.pool_widget",
@@ -73,6 +76,7 @@ __all__ = [
     "InputError",
     "JobPreparationError",
     "JobReleaseError",
+    "LargeFunctionWarning",
     "MpiError",
     "MpiResult",
     "MpiTimeoutError",
@@ -94,6 +98,8 @@ __all__ = [
     "ScalingSample",
     "SchedulerLostError",
     "SerializationError",
+    "Shared",
+    "SharedDataError",
     "StagingError",
     "StartTaskInfo",
     "TaskCounts",
@@ -138,12 +144,14 @@ if TYPE_CHECKING:
     from .module_api import submit as submit
     from .mpi import MpiResult
     from .nodes import NodeInfo, NodeState, StartTaskInfo
+    from .payload import LargeFunctionWarning
     from .pool import Pool
     from .pricing import NodePrices
     from .progress import ProgressCounts, ProgressReporter
     from .providers.eviction import Eviction
     from .samples import ScalingSample, TaskCounts
     from .seeding import item_rng
+    from .share import Shared, SharedDataError
     from .staging import Output
     from .watching import FuturesWatch
     from .widgets.pool_widget import PoolWidget

@@ -7,8 +7,11 @@ exactly two blobs (the function, pickled once per map, and the batch) and return
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -145,23 +148,58 @@ def load_result(blob: bytes) -> BatchResult:
     return pickle.loads(blob)
 
 
+#: A function that pickles to more than this carries something large with every task.
+LARGE_FUNCTION_BYTES = 1_000_000
+
+
+class LargeFunctionWarning(UserWarning):
+    """A map's or submit's function pickles to over 1 MB: it captures a large object, which
+    every task carries. ``big = pool.share(obj)`` sends it to each node once instead."""
+
+
 def dump_function(fn: Any) -> bytes:
-    """Pickle the user's function once per map or submit, with a useful error if it can't be."""
+    """Pickle the user's function once per map or submit, with a useful error if it can't be.
+
+    A function over :data:`LARGE_FUNCTION_BYTES` is sent anyway, with a
+    :class:`LargeFunctionWarning` that points at ``pool.share``.
+    """
     if not callable(fn):
         from .errors import InputError
 
         raise InputError(f"{fn!r} is not callable: pass a function as the first argument")
+    name = getattr(fn, "__qualname__", repr(fn))
     try:
-        return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         from .errors import SerializationError
 
-        name = getattr(fn, "__qualname__", repr(fn))
         raise SerializationError(
             f"the function {name} cannot be pickled to send to the nodes ({exc}); "
             "it probably captures something that lives only in this process (an open file, "
             "a lock, a client); create such things inside the function instead"
         ) from exc
+    if len(blob) > LARGE_FUNCTION_BYTES:
+        warnings.warn(
+            LargeFunctionWarning(
+                f"the function {name} pickles to {len(blob) / 1e6:.1f} MB, and every task "
+                "carries it: it captures a large object; send that object to each node once "
+                "with big = pool.share(obj) and use big in the function instead"
+            ),
+            stacklevel=_caller_outside_cloudmap(),
+        )
+    return blob
+
+
+def _caller_outside_cloudmap() -> int:
+    """The ``stacklevel`` of the first caller outside cloudmap: the user's line, whatever
+    path (map, imap, submit, executor) led to :func:`dump_function`."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)  # dump_function's own frame: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def dump_items_batch(batch: Batch) -> bytes:

@@ -31,6 +31,7 @@ from .providers import PoolSpec, Provider
 from .providers.base import StartTask
 from .samples import ScalingSample, TaskCounts
 from .scaling import Scaler
+from .share import Shared, T, share
 from .staging import Output
 from .watching import FuturesWatch
 from .work import Work
@@ -362,6 +363,23 @@ class Pool:
         1024
         """
         return self._work.submit(fn, *args, **kwargs)
+
+    def share(self, obj: T, /) -> Shared[T]:
+        """Send ``obj`` to each node once; tasks that use the handle get the object itself.
+
+        A function that closes over a large object (an array, a model, a table) carries
+        it in every task; the handle pickles as a name, and each node fetches the object
+        once, when its first task needs it (a node that joins later too). On the client,
+        ``handle.result()`` gives the object back; ``handle.transfers()`` counts the fetches
+        by node. The object lives until the pool closes; treat it as read-only.
+
+        Raises :class:`~cloudmap.SerializationError` at once if ``obj`` cannot be pickled.
+
+        >>> big = pool.share(np.arange(10_000_000.0))                      # doctest: +SKIP
+        >>> sums = pool.map(lambda i: big[i::1000].sum(), range(1000))     # doctest: +SKIP
+        """
+        self._provider()
+        return share(obj, self._cluster.client)
 
     def map(
         self,

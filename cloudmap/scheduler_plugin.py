@@ -15,12 +15,19 @@ import asyncio
 import time
 from typing import Any
 
-from distributed import Scheduler, SchedulerPlugin
+from distributed import Scheduler, SchedulerPlugin, get_worker
 from distributed.core import Status
+from distributed.protocol import to_serialize
+from distributed.utils import sync
 
 from .dask_config import BATCH_INTERVAL
 from .nodes import node_of
 from .payload import STARTED_TOPIC
+
+#: The scheduler's handlers for ``pool.share`` (:mod:`cloudmap.share`): store, fetch, count.
+SHARE_PUT = "cloudmap_share_put"
+SHARE_GET = "cloudmap_share_get"
+SHARE_TRANSFERS = "cloudmap_share_transfers"
 
 
 class PoolPlugin(SchedulerPlugin):
@@ -45,12 +52,16 @@ class PoolPlugin(SchedulerPlugin):
         self.began: dict[str, tuple[str, int]] = {}
         #: Assignments that ended (finished, failed or moved): the tasks the loop handled.
         self.tasks_done = 0
+        #: ``pool.share``'s store: pickled objects by digest, and fetches by digest and node.
+        self.shared: dict[str, Any] = {}
+        self.shared_transfers: dict[str, dict[str, int]] = {}
         self._scheduler: Scheduler | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
         """Called by the scheduler as the plugin is registered, before it is added."""
         self._scheduler = scheduler
         self.screen_status_reports(scheduler)
+        self.serve_shared(scheduler)
 
     def has_begun(self, ts: Any, ws: Any) -> bool:
         """Whether this task, as now assigned to this slot, has started running there.
@@ -143,6 +154,68 @@ class PoolPlugin(SchedulerPlugin):
             handle(status=status, worker=worker, stimulus_id=stimulus_id, **extra)
 
         scheduler.stream_handlers["worker-status-change"] = screened
+
+    def serve_shared(self, scheduler: Scheduler) -> None:
+        """Answer ``pool.share``'s calls (:mod:`cloudmap.share`) as scheduler handlers.
+
+        The store is here, not in the client, because nodes only ever reach the scheduler
+        (which may run on a pool node, and the client may be behind NAT). The client puts an
+        object's pickle once; on each node one slot fetches it (the node's other slots read
+        the node's copy); every fetch is counted by node, so a test or benchmark can see how
+        often the bytes moved. The store goes with the scheduler when the pool closes.
+        """
+
+        def put(digest: str, payload: Any = None) -> bool:
+            """Store ``payload`` unless stored; say whether ``digest`` is stored now."""
+            if payload is not None:
+                self.shared.setdefault(digest, payload)
+            return digest in self.shared
+
+        def get(digest: str, worker: str) -> dict[str, Any]:
+            payload = self.shared.get(digest)
+            if payload is None:
+                return {"status": "missing"}
+            counts = self.shared_transfers.setdefault(digest, {})
+            node = node_of(worker) or worker
+            counts[node] = counts.get(node, 0) + 1
+            # Its own frame: the comm sends it in shards, without copying it into a message.
+            return {"status": "OK", "payload": to_serialize(payload)}
+
+        def transfers(digest: str) -> dict[str, int]:
+            return dict(self.shared_transfers.get(digest, {}))
+
+        scheduler.handlers.update({SHARE_PUT: put, SHARE_GET: get, SHARE_TRANSFERS: transfers})
+
+
+def put_shared(client: Any, digest: str, blob: bytes) -> None:
+    """From the client: store a shared object's pickle on the scheduler, unless it is there
+    (sharing the same object again sends nothing)."""
+    put = getattr(client.scheduler, SHARE_PUT)
+    if not client.sync(put, digest=digest):
+        client.sync(put, digest=digest, payload=to_serialize(blob))
+
+
+def shared_transfers(client: Any, digest: str) -> dict[str, int]:
+    """From the client: how many times each node fetched the shared object ``digest``."""
+    counts = client.sync(getattr(client.scheduler, SHARE_TRANSFERS), digest=digest)
+    return dict(counts)
+
+
+def fetch_shared(digest: str) -> memoryview | None:
+    """In a task on a slot: a shared object's pickle from the pool's scheduler (None when
+    the scheduler does not hold it), over the slot's own connection to it.
+
+    Raises LookupError outside a task of a Dask worker (no scheduler to ask).
+    """
+    try:
+        worker = get_worker()
+    except ValueError as exc:
+        raise LookupError(str(exc)) from exc
+    get = getattr(worker.scheduler, SHARE_GET)
+    reply = sync(worker.loop, get, digest=digest, worker=str(worker.name))
+    if reply.get("status") != "OK":
+        return None
+    return memoryview(reply["payload"])  # bytes as received, not copied
 
 
 def evict_node(node_id: str, dask_scheduler: Scheduler) -> None:
