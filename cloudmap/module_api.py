@@ -1,4 +1,4 @@
-"""``cloudmap.map``, ``cloudmap.imap``, ``cloudmap.submit`` and ``cloudmap.current_pool()``.
+"""``cloudmap.map``, ``imap``, ``map_async``, ``submit`` and ``cloudmap.current_pool()``.
 
 For code that should not have to carry a pool around (a library function, a script written
 before there was a pool), these run on the *current* pool: the innermost ``with pool:``
@@ -22,6 +22,7 @@ from . import current
 from .errors import InputError
 from .futures import Future
 from .pool import Pool
+from .runs import MapRun
 
 _default: Pool | None = None
 _default_lock = threading.Lock()
@@ -135,6 +136,20 @@ def imap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> I
     """
     _check("cloudmap.imap", "imap", fn, options)
     return current_pool().imap(fn, *iterables, **options)
+
+
+def map_async(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> MapRun:
+    """``current_pool().map_async(fn, *iterables, **options)``: :func:`map` in the
+    background, a :class:`~cloudmap.MapRun` returned at once.
+
+    Examples
+    --------
+    >>> run = cloudmap.map_async(abs, [-1, -2, 3])     # doctest: +SKIP
+    >>> run.result()                                    # doctest: +SKIP
+    [1, 2, 3]
+    """
+    _check("cloudmap.map_async", "map_async", fn, options)
+    return current_pool().map_async(fn, *iterables, **options)
 
 
 def submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:

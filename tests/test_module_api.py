@@ -35,6 +35,8 @@ def test_map_submit_and_imap_use_the_innermost_pool() -> None:
             assert cloudmap.submit(slot_pid).result(timeout=60) == inner_pid
             found = list(cloudmap.imap(slot_pid, range(3), ordered=False, progress=False))
             assert found == [inner_pid] * 3
+            run = cloudmap.map_async(slot_pid, range(3), progress=False)
+            assert run.result(timeout=60) == [inner_pid] * 3
         assert inner.closed
         assert cloudmap.current_pool() is outer  # back to the outer block's pool
         assert cloudmap.submit(slot_pid).result(timeout=60) == outer_pid
