@@ -83,8 +83,9 @@ def print_lines(text: str, stream: str) -> None:
 
 
 class TaskOutput:
-    """One map's output: lines arrive from the event loop (:meth:`receive`), and are shown
-    from the map's thread (:meth:`show`), within :data:`MAP_LIMIT`, as
+    """One map's output: lines arrive from the event loop (:meth:`receive`), which keeps
+    those within :data:`MAP_LIMIT` (so what waits is bounded however slowly the map's
+    consumer pulls), and are shown from the map's thread (:meth:`show`) as
     ``[item 12 node-1] text``; stderr lines on stderr.
 
     ``tag`` goes into every batch of the map (``Batch.output``). Call :meth:`open` before
@@ -96,7 +97,7 @@ class TaskOutput:
         self.tag = uuid.uuid4().hex
         self.limit = limit
         self._bucket = TokenBucket(*limit)
-        self._inbox: deque[dict[str, Any]] = deque()
+        self._inbox: deque[list[tuple[str, str]]] = deque()
         self._write: Writer = print_lines
         #: Lines shown; lines held back here (map limit) and on the slots (slot limit).
         self.shown = 0
@@ -111,48 +112,51 @@ class TaskOutput:
         self._write = write or print_lines
         _routes[self.tag] = self.receive
 
-    def receive(self, message: dict[str, Any]) -> None:
-        """An event from a slot (on Dask's event loop: only queue it)."""
-        self._inbox.append(message)
+    def receive(self, message: dict[str, Any], now: float | None = None) -> None:
+        """An event from a slot (on Dask's event loop): count its lines, and keep those the
+        limit lets through, formatted, for :meth:`show`."""
+        now = time.monotonic() if now is None else now
+        worker = str(message.get("slot") or "?")
+        where = node_of(worker) or worker
+        held = int(message.get("dropped") or 0)
+        if held:
+            self.dropped_on_slots += held
+            self.dropped_by_slot[worker] = self.dropped_by_slot.get(worker, 0) + held
+        kept: list[tuple[str, str]] = []
+        for index, stream, text in message.get("lines") or ():
+            if self._bucket.take(now):
+                kept.append(("stderr" if stream else "stdout", f"[item {index} {where}] {text}\n"))
+            else:
+                self.dropped_here += 1
+                self.dropped_by_slot[worker] = self.dropped_by_slot.get(worker, 0) + 1
+        if kept or held:
+            self._inbox.append(kept)
 
     @property
     def waiting(self) -> bool:
         return bool(self._inbox)
 
-    def show(self, now: float | None = None) -> None:
-        """Show the lines that arrived, within the map's limit (from the map's thread)."""
+    def show(self) -> None:
+        """Show the lines that arrived (from the map's thread)."""
         if not self._inbox:
             return
-        now = time.monotonic() if now is None else now
         out: list[tuple[str, str]] = []
         while self._inbox:
-            message = self._inbox.popleft()
-            worker = str(message.get("slot") or "?")
-            where = node_of(worker) or worker
-            held = int(message.get("dropped") or 0)
-            if held:
-                self.dropped_on_slots += held
-                self.dropped_by_slot[worker] = self.dropped_by_slot.get(worker, 0) + held
-            for index, stream, text in message.get("lines") or ():
-                if self._bucket.take(now):
-                    self.shown += 1
-                    out.append(
-                        ("stderr" if stream else "stdout", f"[item {index} {where}] {text}\n")
-                    )
-                else:
-                    self.dropped_here += 1
-                    self.dropped_by_slot[worker] = self.dropped_by_slot.get(worker, 0) + 1
+            out.extend(self._inbox.popleft())
+        self.shown += len(out)
         if (self.dropped_here or self.dropped_on_slots) and not self._noticed:
             self._noticed = True
             out.append(("stderr", self._notice()))
         self._emit(out)
 
     def close(self) -> None:
-        """Show what is left, stop taking events, and sum up what was held back."""
-        try:
-            self.show()
-        finally:
-            _routes.pop(self.tag, None)
+        """Stop taking events, show what is left, and sum up what was held back.
+
+        A map's last lines arrive before its last result (a slot sends them first, on the
+        same connection), so nothing of a finished map comes after this.
+        """
+        _routes.pop(self.tag, None)
+        self.show()
         if self.dropped_here or self.dropped_on_slots:
             self._emit([("stderr", self.summary())])
 
@@ -167,7 +171,8 @@ class TaskOutput:
     def summary(self) -> str:
         """One line: how many lines were not shown, and where all of them are."""
         held = self.dropped_here + self.dropped_on_slots
-        slots = sorted(self.dropped_by_slot, key=lambda w: -self.dropped_by_slot[w])
+        counts = dict(self.dropped_by_slot)
+        slots = sorted(counts, key=lambda worker: -counts[worker])
         logs = [log_location(worker) for worker in slots[:2]]
         more = f" and {len(slots) - 2} more slots' logs" if len(slots) > 2 else ""
         burst, rate = self.limit

@@ -124,11 +124,15 @@ def test_capture_output_false_shows_nothing_and_the_slot_log_keeps_it(
 
 
 def test_a_chatty_function_is_rate_limited_and_its_log_has_everything(
-    pool: cloudmap.Pool, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    started = time.monotonic()
-    pool.map(chatty, range(2), progress=False)
-    elapsed = time.monotonic() - started
+    # A pool of its own: the map spends its slots' rate limit, which the other tests need.
+    with cloudmap.Pool(nodes=1, slots_per_node=2) as pool:
+        started = time.monotonic()
+        pool.map(chatty, range(2), progress=False)
+        elapsed = time.monotonic() - started
+        logs = pool.node("node-0").read_file("slots/slot-0.log")
+        logs += pool.node("node-0").read_file("slots/slot-1.log")
     out, err = capsys.readouterr()
     shown = [line for line in out.splitlines() if line.startswith("[item")]
     burst, rate = MAP_LIMIT
@@ -137,8 +141,7 @@ def test_a_chatty_function_is_rate_limited_and_its_log_has_everything(
     assert len(summaries) == 1, err
     not_shown = int(re.search(r"\] ([\d,]+) lines", summaries[0])[1].replace(",", ""))  # type: ignore[index]
     assert not_shown == 10_000 - len(shown)
-    assert "read_file('slots/slot-0.log')" in summaries[0]
-    logs = slot_logs(pool)
+    assert "pool.node('node-0').read_file('slots/slot-" in summaries[0]
     for x in range(2):
         assert all(f"chatty {x} line {n}\n" in logs for n in (0, 2500, 4999))
 
@@ -210,15 +213,17 @@ def test_the_printer_limits_a_map_and_sums_up_where_the_rest_is() -> None:
     output.open(lambda text, stream: written.append((stream, text)))
     try:
         lines = [[10, 0, "a"], [11, 1, "b"], [12, 0, "c"]]
-        output.receive({"tag": output.tag, "slot": "node-1/slot-0", "lines": lines, "dropped": 4})
-        output.show(now=0.0)
+        message = {"tag": output.tag, "slot": "node-1/slot-0", "lines": lines, "dropped": 4}
+        output.receive(message, now=0.0)
+        assert output.waiting and (output.dropped_here, output.dropped_on_slots) == (1, 4)
+        output.show()
         assert written[0] == ("stdout", "[item 10 node-1] a\n")
         stream, text = written[1]  # runs of one stream are written together
         assert stream == "stderr" and text.startswith("[item 11 node-1] b\n[cloudmap] ")
-        assert "rate-limited" in text and len(written) == 2
-        assert (output.shown, output.dropped_here, output.dropped_on_slots) == (2, 1, 4)
-        output.receive({"tag": output.tag, "slot": "node-2/slot-1", "lines": [[13, 0, "d"]]})
-        output.show(now=1.5)
+        assert "rate-limited" in text and len(written) == 2 and output.shown == 2
+        later = {"tag": output.tag, "slot": "node-2/slot-1", "lines": [[13, 0, "d"]]}
+        output.receive(later, now=1.5)
+        output.show()
         assert written[2] == ("stdout", "[item 13 node-2] d\n")
     finally:
         output.close()
