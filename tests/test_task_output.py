@@ -263,3 +263,22 @@ def test_a_failing_items_output_is_bounded_to_its_last_lines() -> None:
     output: Any = result.errors[0].output
     assert len(output) <= ITEM_OUTPUT_CHARS + 100
     assert output.endswith("flood line 19999\n") and "earlier characters" in output
+
+
+def test_a_handler_the_function_adds_is_captured_once_in_every_batch() -> None:
+    logger = logging.getLogger("cloudmap-test-own-handler")
+
+    def logs_then_fails(x: int) -> None:
+        if not logger.handlers:  # made during the first batch: it holds that batch's tee
+            logger.addHandler(logging.StreamHandler(sys.stderr))
+        logger.warning("own handler says %s", x)
+        raise RuntimeError(x)
+
+    try:
+        for batch_number in range(2):
+            batch = Batch(CALL_ONE, None, None, range(1), [batch_number], output="tag")
+            result = load_result(run_batch(dump_function(logs_then_fails), dump_batch(batch)))
+            assert result.errors[0].output == f"own handler says {batch_number}\n"
+    finally:
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)

@@ -294,9 +294,9 @@ class _Capture:
         capture = cls(batch, context)
         for name, stream in (("stdout", STDOUT), ("stderr", STDERR)):
             original = getattr(sys, name)
-            if original is None:
-                continue
-            tee = _Tee(original, stream, capture)
+            if original is None or isinstance(original, _Tee):
+                continue  # no stream, or a tee already (it captures for the active batch)
+            tee = _Tee(original, stream)
             setattr(sys, name, tee)
             capture._restore.append((name, original, tee))
         _LogCapture.shared().capture = capture
@@ -312,7 +312,6 @@ class _Capture:
         logging.getLogger().removeHandler(handler)
         handler.capture = None
         for name, original, tee in self._restore:
-            tee.capture = None  # a handler the function made may keep the tee: it passes on
             if getattr(sys, name) is tee:
                 setattr(sys, name, original)
             if self._wrote:  # the slot's log is a file: let it show the batch's lines now
@@ -415,16 +414,20 @@ class _Capture:
 
 class _Tee:
     """``sys.stdout`` or ``sys.stderr`` while a batch captures: writes go on to the slot's
-    log, and the task thread's also to the capture. Anything else is the original's."""
+    log, and the task thread's also to the batch's capture. Anything else is the original's.
 
-    def __init__(self, original: Any, stream: int, capture: _Capture) -> None:
+    A tee outlives its batch where the function kept it (a logging handler made during the
+    batch holds ``sys.stderr``): it then writes through, and captures for whichever batch
+    is capturing, so such a handler's lines are captured in later batches too.
+    """
+
+    def __init__(self, original: Any, stream: int) -> None:
         self.original = original
         self.stream = stream
-        self.capture: _Capture | None = capture
 
     def write(self, text: str) -> int:
         written = self.original.write(text)
-        capture = self.capture
+        capture = _Capture.active
         if capture is not None and threading.get_ident() == capture.thread and text:
             capture.write(self.stream, str(text))
         return written
