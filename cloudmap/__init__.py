@@ -25,6 +25,10 @@ _EXPORTS = {
     "JobPreparationError": "cloudmap.errors",
     "JobReleaseError": "cloudmap.errors",
     "MpiResult": "cloudmap.mpi",
+    "MapRun": "cloudmap.runs",
+    "MapResult": "cloudmap.record",
+    "RunRecord": "cloudmap.record",
+    "rerun": "cloudmap.record",
     "MpiError": "cloudmap.errors",
     "MpiTimeoutError": "cloudmap.errors",
     "MpiUnavailableError": "cloudmap.errors",
@@ -62,6 +66,7 @@ _EXPORTS = {
     "current_pool": "cloudmap.module_api",
     "imap": "cloudmap.module_api",
     "map": "cloudmap.module_api",
+    "map_async": "cloudmap.module_api",
     "submit": "cloudmap.module_api",
 }
 
@@ -77,6 +82,8 @@ __all__ = [
     "JobPreparationError",
     "JobReleaseError",
     "LargeFunctionWarning",
+    "MapResult",
+    "MapRun",
     "MpiError",
     "MpiResult",
     "MpiTimeoutError",
@@ -95,6 +102,7 @@ __all__ = [
     "ProgressReporter",
     "ProgressWidget",
     "RemoteException",
+    "RunRecord",
     "ScalingSample",
     "SchedulerLostError",
     "SerializationError",
@@ -109,6 +117,7 @@ __all__ = [
     "WorkerLostError",
     "current_pool",
     "item_rng",
+    "rerun",
 ]
 # Not in __all__: cloudmap.map, cloudmap.imap, cloudmap.submit (`from cloudmap import *` must
 # not shadow the builtin map).
@@ -141,6 +150,7 @@ if TYPE_CHECKING:
     from .module_api import current_pool
     from .module_api import imap as imap
     from .module_api import map as map
+    from .module_api import map_async as map_async
     from .module_api import submit as submit
     from .mpi import MpiResult
     from .nodes import NodeInfo, NodeState, StartTaskInfo
@@ -149,6 +159,8 @@ if TYPE_CHECKING:
     from .pricing import NodePrices
     from .progress import ProgressCounts, ProgressReporter
     from .providers.eviction import Eviction
+    from .record import MapResult, RunRecord, rerun
+    from .runs import MapRun
     from .samples import ScalingSample, TaskCounts
     from .seeding import item_rng
     from .share import Shared, SharedDataError

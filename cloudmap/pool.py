@@ -29,6 +29,8 @@ from .options import START_TIMEOUT, MapOptions, PoolOptions, autoscale_policy, r
 from .progress import ProgressReporter, in_jupyter_kernel, make_reporter, set_notebook_reporter
 from .providers import PoolSpec, Provider
 from .providers.base import StartTask
+from .record import MapResult, RecordMaker, RunRecord
+from .runs import MapRun
 from .samples import ScalingSample, TaskCounts
 from .scaling import Scaler
 from .share import Shared, T, share
@@ -396,10 +398,11 @@ class Pool:
         storage_options: dict[str, Any] | None = None,
         capture_output: bool = True,
         cache: Any = None,
-    ) -> list[Any]:
+    ) -> MapResult:
         """Call ``fn`` once per item (or per tuple of items from several iterables).
 
-        Returns the results as a list in input order. Items are sent in batches sized from
+        Returns the results as a list in input order, with the run's
+        :class:`~cloudmap.RunRecord` as ``.record``. Items are sent in batches sized from
         timings (``batch_size=`` fixes it). With ``seed=``, ``fn`` also gets ``rng=``, a
         ``numpy.random.Generator`` of its own, the same for any node count or batching.
 
@@ -453,6 +456,55 @@ class Pool:
         )
         return self._work.map_all(fn, iterables, options)
 
+    def map_async(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        seed: int | None = None,
+        batch_size: int | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+        inputs: str | Sequence[str] | None = None,
+        outputs: str | Output | Sequence[str | Output] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        capture_output: bool = True,
+        cache: Any = None,
+    ) -> MapRun:
+        """Start :meth:`map` in the background and return a :class:`~cloudmap.MapRun` at once.
+
+        The cell (and a dashboard's widgets) stay free while it runs. The run has
+        ``.progress`` (its display; pass ``progress=cloudmap.ProgressWidget(display=False)``
+        to place it yourself), ``.done()``, ``.result(timeout)``, ``.results_so_far()``,
+        ``.cancel()`` and ``.record``, and ``await run`` gives the results in a kernel's
+        event loop. Bad input raises here, before any work. Options are :meth:`map`'s.
+
+        >>> run = pool.map_async(simulate, range(10_000), seed=1)   # doctest: +SKIP
+        >>> run.results_so_far()                                      # doctest: +SKIP
+        {0: 0.31, 3: 0.97, ...}
+        >>> run.cancel()                                              # doctest: +SKIP
+        """
+        options = MapOptions(
+            seed=seed,
+            batch_size=batch_size,
+            retries=retries,
+            timeout=timeout,
+            on_error=on_error,
+            progress=progress,
+            inputs=inputs,
+            outputs=outputs,
+            storage_options=storage_options,
+            capture_output=capture_output,
+            cache=cache,
+        )
+        return self._work.map_async(fn, iterables, options)
+
+    def last_run(self) -> RunRecord | None:
+        """The :class:`~cloudmap.RunRecord` of the map (or run) that started last on this
+        pool, finished or not; None before the first."""
+        return self._work.last_record
+
     def imap(
         self,
         fn: Callable[..., Any],
@@ -504,7 +556,7 @@ class Pool:
         on_error: str = "raise",
         progress: Any = None,
         capture_output: bool = True,
-    ) -> list[Any]:
+    ) -> MapResult:
         """Run a shell command once per item; return one :class:`~cloudmap.CommandResult`
         per item, in order.
 
@@ -536,6 +588,34 @@ class Pool:
             capture_output,
         )
         return self._work.run(command, items, options)
+
+    def run_async(
+        self,
+        command: str,
+        items: Iterable[Any],
+        *,
+        inputs: str | Sequence[str] | None = None,
+        outputs: str | Output | Sequence[str | Output] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        progress: Any = None,
+        capture_output: bool = True,
+    ) -> MapRun:
+        """Start :meth:`run` in the background; return a :class:`~cloudmap.MapRun` at once
+        (see :meth:`map_async`)."""
+        options = MapOptions(
+            retries=retries,
+            timeout=timeout,
+            on_error=on_error,
+            progress=progress,
+            inputs=inputs,
+            outputs=outputs,
+            storage_options=storage_options,
+            capture_output=capture_output,
+        )
+        return self._work.run_async(command, items, options)
 
     def job(self, prepare: JobStep = None, release: JobStep = None) -> Job:
         """A job whose ``prepare`` (shell command or callable) runs once on each node before
@@ -780,7 +860,8 @@ def _assemble(
             return spec.slots_per_node
         return planned
 
-    work = Work(cluster, slots=slots, nodes=view.nodes, is_closed=closed.is_set)
+    records = RecordMaker(cluster, provider=lambda: provider, history=scaler.history)
+    work = Work(cluster, slots=slots, nodes=view.nodes, is_closed=closed.is_set, records=records)
     mpi = MpiRunner(cluster, gang, closed.is_set)
     return _Parts(view, scaler, gang, work, mpi, backlog)
 

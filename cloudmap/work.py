@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from .cluster import DaskCluster
@@ -25,6 +26,9 @@ from .node.job_steps import JobCall, JobSteps, release_node
 from .node.staged_call import StagedCall
 from .nodes import NodeInfo
 from .options import MapOptions
+from .progress import make_reporter
+from .record import MapResult, RecordMaker, RunRecord
+from .runs import MapRun
 from .staging import as_inputs, as_outputs
 
 
@@ -33,7 +37,8 @@ class Work:
 
     ``slots`` is how many slots to plan batches for (it raises
     :class:`~cloudmap.NoNodesError` when no node is left or on its way); ``nodes`` lists the
-    pool's nodes; ``is_closed`` tells a running map that the pool was closed under it.
+    pool's nodes; ``is_closed`` tells a running map that the pool was closed under it;
+    ``records`` makes each map's :class:`~cloudmap.RunRecord`.
     """
 
     def __init__(
@@ -43,12 +48,19 @@ class Work:
         slots: Callable[[], int],
         nodes: Callable[[], list[NodeInfo]],
         is_closed: Callable[[], bool],
+        records: RecordMaker,
     ) -> None:
         self._cluster = cluster
         self._slots = slots
         self._nodes = nodes
         self._is_closed = is_closed
+        self._records = records
         self._engines: weakref.WeakSet[MapEngine] = weakref.WeakSet()
+
+    @property
+    def last_record(self) -> RunRecord | None:
+        """The record of the map that started last (it may still run)."""
+        return self._records.last
 
     def backlog_tasks(self) -> int:
         """Tasks' worth of input the running maps have not sent yet (for autoscale)."""
@@ -68,9 +80,11 @@ class Work:
         job: JobSteps | None = None,
         staged: bool = False,
         outputs_dir: str = "",
-    ) -> list[Any]:
+        recorded: Any = None,
+    ) -> MapResult:
         """Every result, in input order (``map``): on a failure that is raised, the results
-        that finished travel with the error."""
+        that finished travel with the error. ``recorded`` is what the run record names as
+        the function (a command's text; by default ``fn``)."""
         engine = self._engine(
             fn,
             iterables,
@@ -81,19 +95,66 @@ class Work:
             outputs_dir=outputs_dir,
             job=job,
         )
-        results: list[Any] = []
+        described = fn if recorded is None else recorded
+        record = self._records.begin(label, described, iterables, options)
+        results = MapResult()
         try:
             engine.start()
             for _, values in engine.chunks():
                 results.extend(values)
-        except (TaskError, InputError) as exc:
-            # Chunks arrive in input order, so results[i] is item i's value.
-            done = {i: v for i, v in enumerate(results) if v is not SKIPPED}
-            exc.results = {**done, **exc.results}
+        except BaseException as exc:
+            if isinstance(exc, (TaskError, InputError)):
+                # Chunks arrive in input order, so results[i] is item i's value.
+                done = {i: v for i, v in enumerate(results) if v is not SKIPPED}
+                exc.results = {**done, **exc.results}
+            status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self._records.end(record, described, iterables, status, exc)
             raise
         if options.on_error == "skip":
-            results = [value for value in results if value is not SKIPPED]
+            results[:] = [value for value in results if value is not SKIPPED]
+        self._records.end(record, described, iterables, "finished")
+        results.record = record
         return results
+
+    def map_async(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        options: MapOptions,
+        *,
+        label: str = "map",
+        staged: bool = False,
+        outputs_dir: str = "",
+        recorded: Any = None,
+    ) -> MapRun:
+        """``map`` in the background: a :class:`~cloudmap.runs.MapRun` returned once the
+        first tasks are sent (bad input raises here, before any work)."""
+        reporter = make_reporter(options.progress)
+        options = replace(options, progress=False if reporter is None else reporter)
+        engine = self._engine(
+            fn,
+            iterables,
+            options,
+            ordered=False,  # results_so_far() sees every item as soon as it is back
+            label=label,
+            staged=staged,
+            outputs_dir=outputs_dir,
+        )
+        described = fn if recorded is None else recorded
+        record = self._records.begin(label, described, iterables, options)
+
+        def finish(status: str, error: BaseException | None) -> RunRecord:
+            self._records.end(record, described, iterables, status, error)
+            return record
+
+        engine.start()
+        return MapRun(
+            engine,
+            progress=reporter,
+            skip_failed=options.on_error == "skip",
+            finish=finish,
+            label=label,
+        )
 
     def imap(
         self,
@@ -118,17 +179,29 @@ class Work:
         options: MapOptions,
         *,
         job: JobSteps | None = None,
-    ) -> list[Any]:
+    ) -> MapResult:
         """``pool.run``: a staged map of a shell command."""
-        task = CommandTask(
-            check_command(
-                command,
-                has_inputs=bool(as_inputs(options.inputs)),
-                has_outputs=bool(as_outputs(options.outputs)),
-            )
-        )
         return self.map_all(
-            task, (items,), options, label="run", staged=True, outputs_dir="outputs", job=job
+            _command_task(command, options),
+            (items,),
+            options,
+            label="run",
+            staged=True,
+            outputs_dir="outputs",
+            job=job,
+            recorded=command,
+        )
+
+    def run_async(self, command: str, items: Iterable[Any], options: MapOptions) -> MapRun:
+        """``pool.run_async``: :meth:`run` in the background."""
+        return self.map_async(
+            _command_task(command, options),
+            (items,),
+            options,
+            label="run",
+            staged=True,
+            outputs_dir="outputs",
+            recorded=command,
         )
 
     def release_job(self, steps: JobSteps) -> dict[str, str]:
@@ -183,6 +256,17 @@ class Work:
         )
         self._engines.add(engine)
         return engine
+
+
+def _command_task(command: str, options: MapOptions) -> CommandTask:
+    """The task that runs ``command`` for an item, checked against the map's files."""
+    return CommandTask(
+        check_command(
+            command,
+            has_inputs=bool(as_inputs(options.inputs)),
+            has_outputs=bool(as_outputs(options.outputs)),
+        )
+    )
 
 
 def _values(engine: MapEngine, deadline: float | None) -> Iterator[Any]:

@@ -746,6 +746,21 @@ def test_ctrl_c_ends_the_slots_running_the_maps_tasks() -> None:
     assert not cluster.cancelled
 
 
+def test_cancel_stops_the_map_as_ctrl_c_does_and_leaves_no_backlog() -> None:
+    """cancel() (MapRun.cancel, from another thread) ends the iteration with CancelledError,
+    stops the tasks out with their slots, and a stopped map asks autoscale for nothing."""
+    engine, cluster = start_map(double, range(100), batch_size=2, script=lambda t: Finish(delay=5))
+    assert engine.backlog_tasks() > 0
+    handed_out = 0
+    with pytest.raises(concurrent.futures.CancelledError):
+        for _, values in engine.chunks():
+            handed_out += len(values)
+            engine.cancel()
+    assert handed_out > 0
+    assert cluster.stopped and set(cluster.stopped) == cluster.in_flight()
+    assert engine.backlog_tasks() == 0
+
+
 def test_a_lost_scheduler_ends_the_map_with_the_results_so_far() -> None:
     engine, cluster = start_map(
         double, range(12), batch_size=2, script=numbered({3: SchedulerGone()})
