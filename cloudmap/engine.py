@@ -121,7 +121,12 @@ Chunk = tuple[range | list[int], list[Any]]
 
 
 class MapEngine:
-    """Runs one map (one Batch job): ``start()`` submits the first window, then iterate."""
+    """Runs one map (one Batch job): ``start()`` submits the first window, then iterate.
+
+    ``indices``, when given, is the input index of each item (by default 0, 1, 2...): a map
+    that runs only some items of a larger input (the ones ``cache=`` does not hold) gives
+    them the seeds, ``{index}``, error indices and chunk indices of that input.
+    """
 
     def __init__(
         self,
@@ -134,6 +139,7 @@ class MapEngine:
         is_closed: Callable[[], bool],
         ordered: bool = True,
         label: str = "map",
+        indices: Sequence[int] | None = None,
     ) -> None:
         self._cluster = cluster
         self._fn_blob = dump_function(fn)
@@ -152,6 +158,7 @@ class MapEngine:
         # What the items print, shown from the thread that runs this map (task_output).
         self._output = TaskOutput() if options.capture_output else None
         self._label = label
+        self._indices = indices
         self._sizer = BatchSizer(fixed=options.batch_size)
         self._pace = SubmitPace()
         self._started_at = time.monotonic()
@@ -261,14 +268,20 @@ class MapEngine:
         """Results computed but not yet handed out, by item index (attached to errors)."""
         results: dict[int, Any] = {}
         for batch in self._open:
-            for index, value in zip(batch.indices, batch.values, strict=True):
+            for index, value in zip(self._input(batch.indices), batch.values, strict=True):
                 if value is not _MISSING and value is not SKIPPED:
                     results[index] = value
         for indices, values in self._emitted:
-            for index, value in zip(indices, values, strict=True):
+            for index, value in zip(self._input(indices), values, strict=True):
                 if value is not SKIPPED:
                     results[index] = value
         return results
+
+    def _input(self, positions: range | list[int]) -> range | list[int]:
+        """The input indices of items numbered by their position in this map."""
+        if self._indices is None:
+            return positions
+        return [self._indices[position] for position in positions]
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -355,7 +368,7 @@ class MapEngine:
             self._call,
             self._seed,
             self._timeout,
-            indices,
+            self._input(indices),
             items,
             self._sizer.budget,
             None if self._output is None else self._output.tag,
@@ -481,7 +494,7 @@ class MapEngine:
             self._retry.append((batch, position, 0))
             return
         failure = item_error(
-            index,
+            index if self._indices is None else self._indices[index],
             error,
             worker,
             item=batch.items[position],
@@ -507,12 +520,13 @@ class MapEngine:
         if self._ordered:
             while self._open and self._open[0].missing == 0:
                 batch = self._open.popleft()
-                yield batch.indices, batch.values
+                yield self._input(batch.indices), batch.values
             return
         while self._open and self._open[0].missing == 0:
             self._open.popleft()
         while self._emitted:
-            yield self._emitted.popleft()
+            indices, values = self._emitted.popleft()
+            yield self._input(indices), values
 
     # -- housekeeping ---------------------------------------------------------------------
 

@@ -14,8 +14,10 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
+from .cache import CachedMapEngine, ResultCache
 from .cluster import DaskCluster
 from .commands import check_command
 from .engine import SKIPPED, MapEngine
@@ -232,6 +234,7 @@ class Work:
     ) -> MapEngine:
         self._slots()
         options = options.checked(fn)
+        cache = ResultCache.for_map(fn, len(iterables), options, staged=staged)
         if staged or options.inputs or options.outputs:
             fn = StagedCall(
                 fn,
@@ -244,7 +247,7 @@ class Work:
             )
         if job is not None:  # outermost: the node is prepared before inputs download
             fn = JobCall(fn, job)
-        engine = MapEngine(
+        engine = _engine_class(cache)(
             self._cluster,
             fn,
             iterables,
@@ -256,6 +259,12 @@ class Work:
         )
         self._engines.add(engine)
         return engine
+
+
+def _engine_class(cache: ResultCache | None) -> Callable[..., MapEngine]:
+    """A map engine, or with ``cache=`` one that hands out the cached results and runs
+    only the missing items (see :mod:`cloudmap.cache`)."""
+    return MapEngine if cache is None else partial(CachedMapEngine, cache=cache)
 
 
 def _command_task(command: str, options: MapOptions) -> CommandTask:

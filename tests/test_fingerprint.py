@@ -166,3 +166,29 @@ def test_best_effort_hash_never_raises() -> None:
     relaxed = function_hash(_uses_lock, strict=False)
     assert len(relaxed) == 64
     assert relaxed == function_hash(_uses_lock, strict=False)
+
+
+class _Awkward:
+    """An object whose pickled form cannot even be asked for."""
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise RuntimeError("no")
+
+
+AWKWARD = _Awkward()
+
+
+def _uses_awkward(x: int) -> Any:
+    return AWKWARD, x
+
+
+def test_best_effort_hash_survives_misbehaving_and_deep_values() -> None:
+    with pytest.raises(InputError, match="global 'AWKWARD'"):
+        function_hash(_uses_awkward)
+    assert len(function_hash(_uses_awkward, strict=False)) == 64
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InputError, match="nested too deeply"):
+        function_hash(lambda x: deep)
+    assert len(function_hash(lambda x: deep, strict=False)) == 64
