@@ -63,4 +63,11 @@ PRIVATE_DASK_API: tuple[tuple[str, str, str], ...] = (
     ("Worker", "batched_stream", "node.runner: send the start event at once"),
     ("Worker", "state", "node.runner: the task's state (cancelled?) and run id"),
     ("Worker.TaskState", "run_id", "node.runner: the assignment this start belongs to"),
+    ("Scheduler", "_broker", "scheduler_plugin: keep fewer of cloudmap's own events"),
+    ("Broker", "_topics", "scheduler_plugin: keep fewer of cloudmap's own events"),
+    ("Topic", "events", "scheduler_plugin: keep fewer of cloudmap's own events"),
+    ("Scheduler", "handlers", "scheduler_plugin: serve pool.share's objects to slots"),
+    ("Client", "scheduler", "scheduler_plugin: send pool.share's objects to the scheduler"),
+    ("Worker", "scheduler", "scheduler_plugin: a slot fetches a shared object"),
+    ("Worker", "loop", "scheduler_plugin: a slot fetches a shared object"),
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any
 
 from distributed import Scheduler, SchedulerPlugin, get_worker
@@ -22,12 +23,18 @@ from distributed.utils import sync
 
 from .dask_config import BATCH_INTERVAL
 from .nodes import node_of
-from .payload import STARTED_TOPIC
+from .payload import OUTPUT_TOPIC, STARTED_TOPIC, TIMEOUT_TOPIC
 
 #: The scheduler's handlers for ``pool.share`` (:mod:`cloudmap.share`): store, fetch, count.
 SHARE_PUT = "cloudmap_share_put"
 SHARE_GET = "cloudmap_share_get"
 SHARE_TRANSFERS = "cloudmap_share_transfers"
+
+
+#: cloudmap's own event topics: their subscribers take each event as it happens.
+OWN_TOPICS = frozenset({STARTED_TOPIC, OUTPUT_TOPIC, TIMEOUT_TOPIC})
+#: Events of each of those topics the scheduler keeps (Dask keeps 100,000 of any topic).
+KEPT_EVENTS = 1000
 
 
 class PoolPlugin(SchedulerPlugin):
@@ -55,6 +62,7 @@ class PoolPlugin(SchedulerPlugin):
         #: ``pool.share``'s store: pickled objects by digest, and fetches by digest and node.
         self.shared: dict[str, Any] = {}
         self.shared_transfers: dict[str, dict[str, int]] = {}
+        self._trimmed_topics: set[str] = set()
         self._scheduler: Scheduler | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -74,6 +82,8 @@ class PoolPlugin(SchedulerPlugin):
         return self.began.get(str(ts.key)) == (ws.address, ts.run_id)
 
     def log_event(self, topic: str, msg: Any) -> None:
+        if topic in OWN_TOPICS and topic not in self._trimmed_topics:
+            self._keep_few_events(topic)
         if topic != STARTED_TOPIC or self._scheduler is None or not isinstance(msg, dict):
             return
         key, worker, run_id = str(msg.get("key")), str(msg.get("worker")), msg.get("run_id")
@@ -87,6 +97,19 @@ class PoolPlugin(SchedulerPlugin):
             and ts.run_id == run_id
         ):
             self.began[key] = (worker, run_id)
+
+    def _keep_few_events(self, topic: str) -> None:
+        """Keep the last KEPT_EVENTS of one of cloudmap's topics, not Dask's 100,000.
+
+        The scheduler keeps every topic's recent events for clients that ask later; cloudmap's
+        clients take theirs as they happen (subscribed), so a long map's start events and a
+        chatty one's output lines would only pile up in the scheduler's memory.
+        """
+        self._trimmed_topics.add(topic)
+        broker = getattr(self._scheduler, "_broker", None)
+        kept = getattr(broker, "_topics", {}).get(topic)
+        if kept is not None and hasattr(kept, "events"):
+            kept.events = deque(kept.events, maxlen=KEPT_EVENTS)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start == "processing":

@@ -55,6 +55,8 @@ def live() -> Iterator[dict[str, Any]]:
             "distributed.worker": distributed.worker,
             "Worker": worker,
             "Worker.TaskState": worker.state.tasks["cloudmap-probe"],
+            "Broker": scheduler._broker,
+            "Topic": scheduler._broker._topics["cloudmap-probe-topic"],
         }
         future.release()
 

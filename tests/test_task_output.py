@@ -113,6 +113,21 @@ def test_prints_logs_and_warnings_show_with_item_and_node(
     assert "grumble" not in out and "hello" not in err  # stderr lines go to stderr
 
 
+def kept_events(dask_scheduler: Any) -> dict[str, int | None]:
+    topics = dask_scheduler._broker._topics
+    return {name: topics[name].events.maxlen for name in ("cloudmap-output", "cloudmap-started")}
+
+
+def test_the_scheduler_keeps_few_of_cloudmaps_own_events(pool: cloudmap.Pool) -> None:
+    """Output lines and start events reach the client as they happen; the scheduler keeps
+    only the last thousand of each (Dask keeps 100,000), so a long map does not pile them up."""
+    pool.map(talk, range(4), progress=False)
+    assert pool.client.run_on_scheduler(kept_events) == {
+        "cloudmap-output": 1000,
+        "cloudmap-started": 1000,
+    }
+
+
 def test_capture_output_false_shows_nothing_and_the_slot_log_keeps_it(
     pool: cloudmap.Pool, capsys: pytest.CaptureFixture[str]
 ) -> None:
