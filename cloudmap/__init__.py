@@ -36,7 +36,7 @@ _EXPORTS = {
     "Eviction": "cloudmap.providers.eviction",
     "ScalingSample": "cloudmap.samples",
     "Shared": "cloudmap.share",
-    "SharedDataError": "cloudmap.share",
+    "SharedDataError": "cloudmap.errors",
     "LargeFunctionWarning": "cloudmap.payload",
     "TaskCounts": "cloudmap.samples",
     "NodePrices": "cloudmap.pricing",
@@ -140,6 +140,7 @@ if TYPE_CHECKING:
         RemoteException,
         SchedulerLostError,
         SerializationError,
+        SharedDataError,
         StagingError,
         TaskError,
         TaskTimeoutError,
@@ -163,7 +164,7 @@ if TYPE_CHECKING:
     from .runs import MapRun
     from .samples import ScalingSample, TaskCounts
     from .seeding import item_rng
-    from .share import Shared, SharedDataError
+    from .share import Shared
     from .staging import Output
     from .watching import FuturesWatch
     from .widgets.pool_widget import PoolWidget

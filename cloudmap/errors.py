@@ -239,3 +239,8 @@ class JobReleaseError(CloudmapError):
     def __init__(self, message: str, failures: dict[str, str]) -> None:
         super().__init__(message)
         self.failures = failures
+
+
+class SharedDataError(CloudmapError, RuntimeError):
+    """A task needed a shared object that its pool's scheduler does not hold: it was shared
+    with another pool, or the handle was unpickled outside the pool's tasks."""

@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 
 import cloudpickle
 
-from .errors import CloudmapError, PoolClosedError, SerializationError
+from .errors import PoolClosedError, SerializationError, SharedDataError
 
 T = TypeVar("T")
 
@@ -45,11 +45,6 @@ _cache: OrderedDict[str, Any] = OrderedDict()
 _cache_lock = threading.Lock()
 #: This process's own handles by digest: on the client, resolving gives the object itself.
 _local: weakref.WeakValueDictionary[str, Shared[Any]] = weakref.WeakValueDictionary()
-
-
-class SharedDataError(CloudmapError, RuntimeError):
-    """A task needed a shared object that its pool's scheduler does not hold: it was shared
-    with another pool, or the handle was unpickled outside the pool's tasks."""
 
 
 class Shared(Generic[T]):
