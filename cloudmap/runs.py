@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 from collections.abc import Callable, Generator
 from typing import Any
@@ -57,7 +58,13 @@ class MapRun:
         self.progress = progress
         #: The run's :class:`~cloudmap.RunRecord`, once it has ended.
         self.record: RunRecord | None = None
-        self._thread = threading.Thread(target=self._collect, name=f"cloudmap-{label}", daemon=True)
+        # The thread runs in a copy of the caller's context: in a Jupyter kernel that holds
+        # the cell's parent header, so what the run prints (its items' output, with
+        # progress=False) appears under the cell that started it, not under the latest one.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._collect,), name=f"cloudmap-{label}", daemon=True
+        )
         self._thread.start()
 
     # -- the Future's face ----------------------------------------------------------------

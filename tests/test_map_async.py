@@ -168,3 +168,40 @@ def test_run_async_runs_a_command_per_item(pool: cloudmap.Pool) -> None:
     assert [r.stdout.strip() for r in results] == ["a", "b", "c"]
     assert run.record is not None and run.record.kind == "run"
     assert run.record.function == "echo {item}"
+
+
+def test_a_runs_output_goes_under_the_cell_that_started_it_in_a_kernel() -> None:
+    """In a real Jupyter kernel, what a background run's items print is sent with the parent
+    header of the cell that called map_async, even while a later cell runs."""
+    from jupyter_client.manager import start_new_kernel
+
+    manager, kernel = start_new_kernel(kernel_name="python3")
+    try:
+        setup = kernel.execute(
+            "import time, cloudmap\n"
+            "pool = cloudmap.Pool(nodes=1)\n"
+            "def talk(x):\n"
+            "    time.sleep(0.3)\n"
+            "    print('said', x)\n"
+            "    return x\n"
+        )
+        starts = kernel.execute("run = pool.map_async(talk, range(4), progress=False)")
+        later = kernel.execute("run.result(timeout=60); time.sleep(1); pool.close()")
+        said: dict[str, list[str]] = {}
+        deadline = time.monotonic() + 120
+        finished = set()
+        while later not in finished:
+            assert time.monotonic() < deadline, said
+            message = kernel.get_iopub_msg(timeout=60)
+            parent = message["parent_header"].get("msg_id", "")
+            if message["msg_type"] == "stream" and "said" in message["content"]["text"]:
+                said.setdefault(parent, []).append(message["content"]["text"])
+            if message["msg_type"] == "error":
+                raise AssertionError(message["content"])
+            if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+                finished.add(parent)
+        assert setup in finished and list(said) == [starts], said
+        assert "".join(said[starts]).count("said") == 4
+    finally:
+        kernel.stop_channels()
+        manager.shutdown_kernel(now=True)
