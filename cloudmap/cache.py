@@ -50,6 +50,8 @@ COMPACT_PARTS = 64
 _MAGIC = b"cloudmap-cache-part-1\n"
 _HEADER = struct.Struct("<Q32s")  # payload length, SHA-256 of the payload
 _PART_SUFFIX = ".part"
+_INT_KEY = struct.Struct("<Qq")
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 class ResultCache:
@@ -171,6 +173,10 @@ class ResultCache:
         """Queue one result; written by the next :meth:`flush`."""
         self._pending.append((key, value))
 
+    def add_many(self, entries: Iterable[tuple[bytes, Any]]) -> None:
+        """Queue (key, value) pairs; written by the next :meth:`flush`."""
+        self._pending.extend(entries)
+
     def flush(self, *, force: bool = True) -> None:
         """Write the queued results as one part (unless ``force`` is False and the last
         write was less than :data:`FLUSH_SECONDS` ago)."""
@@ -194,7 +200,11 @@ class ResultCache:
     @staticmethod
     def key(index: int, item: Any) -> bytes:
         """An item's key: its index and a hash of the item (canonical when it has one,
-        else of its pickle, which at worst misses)."""
+        else of its pickle, which at worst misses); an int item as itself (16 bytes, so
+        never equal to a hashed key's 24: maps over ranges look a million items up in a
+        fraction of a second)."""
+        if type(item) is int and _INT64[0] <= item <= _INT64[1]:
+            return _INT_KEY.pack(index, item)
         try:
             digest = value_digest(item)
         except TypeError:
@@ -266,15 +276,16 @@ class CachedMapEngine(MapEngine):
                 yield self._merged(self._indices[0] if self._indices else self.total_items)
             for indices, values in super().chunks(deadline):
                 self._keep(indices, values)
-                if not self._ordered:
+                if not self._ordered or not self._hits:
                     yield indices, values
                     continue
                 out_indices: list[int] = []
                 out_values: list[Any] = []
                 for index, value in zip(indices, values, strict=True):
-                    cached_indices, cached_values = self._merged(index)
-                    out_indices += cached_indices
-                    out_values += cached_values
+                    if index > self._next:
+                        cached_indices, cached_values = self._merged(index)
+                        out_indices += cached_indices
+                        out_values += cached_values
                     out_indices.append(index)
                     out_values.append(value)
                     self._next = index + 1
@@ -299,9 +310,12 @@ class CachedMapEngine(MapEngine):
         return indices, values
 
     def _keep(self, indices: Sequence[int], values: list[Any]) -> None:
-        for index, value in zip(indices, values, strict=True):
-            if value is not SKIPPED and not isinstance(value, TaskError):
-                self._cache.add(self._keys[index], value)
+        keys = self._keys
+        self._cache.add_many(
+            (keys[index], value)
+            for index, value in zip(indices, values, strict=True)
+            if value is not SKIPPED and not isinstance(value, TaskError)
+        )
         self._cache.flush(force=False)
 
     def _keep_dict(self, results: dict[int, Any]) -> None:

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
-import json
 import os
 import struct
 import sys
@@ -153,27 +152,29 @@ def _distributions() -> dict[str, list[str]]:
 
 @functools.lru_cache(maxsize=512)
 def _installed_version(top: str) -> str | None:
-    """``top``'s distribution and version if it is an installed package (or the stdlib)."""
+    """``top``'s distribution and version if it is a package installed in a site-packages
+    folder (or the stdlib); None for a module of your own, a package installed with
+    ``pip install -e`` (its code changes without its version) or one not imported.
+
+    Decided by where the module's file is, not by what ``importlib.metadata`` finds first:
+    that depends on the current directory (a checkout's ``*.egg-info`` is found there).
+    """
     if top in sys.stdlib_module_names or top in ("builtins", "__future__"):
         return "stdlib-" + _python().decode()
-    dists = _distributions().get(top)
-    if not dists:
+    module = sys.modules.get(top)
+    path = getattr(module, "__file__", None)
+    if not path or not _in_site_packages(path):
         return None
-    try:
-        dist = importlib.metadata.distribution(dists[0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    if _editable(dist):
-        return None  # installed with pip -e: its code changes without its version
-    return f"{dists[0]}=={dist.version}"
+    for name in _distributions().get(top, []):
+        for dist in importlib.metadata.distributions(name=name):
+            if _in_site_packages(str(dist.locate_file(""))):
+                return f"{name}=={dist.version}"
+    return None
 
 
-def _editable(dist: importlib.metadata.Distribution) -> bool:
-    try:
-        direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    except ValueError:
-        return False
-    return bool(isinstance(direct, dict) and direct.get("dir_info", {}).get("editable"))
+def _in_site_packages(path: str) -> bool:
+    parts = os.path.realpath(path).split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts
 
 
 @functools.lru_cache(maxsize=512)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -192,3 +193,23 @@ def test_best_effort_hash_survives_misbehaving_and_deep_values() -> None:
     with pytest.raises(InputError, match="nested too deeply"):
         function_hash(lambda x: deep)
     assert len(function_hash(lambda x: deep, strict=False)) == 64
+
+
+def test_the_hash_does_not_depend_on_the_current_directory(tmp_path: Any) -> None:
+    """The checkout's cloudmap.egg-info is found first from its own folder; where a module
+    is installed must be read from its file, not from what importlib.metadata finds."""
+    script = (
+        "import numpy as np\n"
+        "from cloudmap.fingerprint import function_hash\n"
+        "from cloudmap.testing import tasks\n"
+        "print(function_hash(tasks.draw), function_hash(np.sqrt))\n"
+    )
+    repository = Path(__file__).resolve().parent.parent
+    seen = set()
+    for cwd in (repository, tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        seen.add(done.stdout.strip())
+    assert len(seen) == 1
