@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copyreg
 import dataclasses
+import dis
 import functools
 import hashlib
 import importlib
@@ -451,9 +452,17 @@ class _Hasher:
         return _tag(b"reduced", self.value(kind), *parts)
 
 
+_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"})
+
+
 def _global_names(code: types.CodeType) -> set[str]:
-    """The names a code object (and the code nested in it) may read as globals."""
-    names = set(code.co_names)
+    """The names a code object (and the code nested in it) reads as globals: only those,
+    not attribute names (``rng.random`` must not drag in a global named ``random``)."""
+    names = {
+        str(instruction.argval)
+        for instruction in dis.get_instructions(code)
+        if instruction.opname in _GLOBAL_OPS
+    }
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)

@@ -213,3 +213,14 @@ def test_the_hash_does_not_depend_on_the_current_directory(tmp_path: Any) -> Non
         assert done.returncode == 0, done.stderr
         seen.add(done.stdout.strip())
     assert len(seen) == 1
+
+
+random = threading.Lock()  # a global that shares its name with an attribute read below
+
+
+def _reads_the_attribute_only(x: int, rng: Any) -> float:
+    return float(rng.random())
+
+
+def test_attribute_names_are_not_taken_for_globals() -> None:
+    assert len(function_hash(_reads_the_attribute_only)) == 64
