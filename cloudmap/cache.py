@@ -26,6 +26,7 @@ import pickle
 import struct
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -54,6 +55,10 @@ _INT_KEY = struct.Struct("<Qq")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
+class CacheWriteWarning(RuntimeWarning):
+    """Results of a map with ``cache=`` could not be stored; the map went on without."""
+
+
 class ResultCache:
     """The stored results of one function and seed: one folder under the cache URL.
 
@@ -68,6 +73,7 @@ class ResultCache:
         self._pending: list[tuple[bytes, Any]] = []
         self._last_write = time.monotonic()
         self.parts_written = 0
+        self.write_failed = False
 
     @classmethod
     def for_map(
@@ -134,10 +140,14 @@ class ResultCache:
     def load(self) -> dict[bytes, Any]:
         """Every stored result, by item key. Parts that are cut short or do not check out
         are skipped (their items are simply computed again)."""
-        paths = self._parts()
-        if not paths:
-            return {}
-        blobs = self.fs.cat(paths, on_error="omit")
+        try:
+            paths = self._parts()
+            blobs = self.fs.cat(paths, on_error="omit") if paths else {}
+        except Exception as exc:
+            raise InputError(
+                f"cache={self.url!r} cannot be read ({type(exc).__name__}: {exc}); check the "
+                "URL and its credentials (storage_options=), or drop cache="
+            ) from None
         stored: dict[bytes, Any] = {}
         good: list[str] = []
         for path in sorted(blobs):
@@ -188,7 +198,19 @@ class ResultCache:
             return
         entries, self._pending = self._pending, []
         self._last_write = now
-        self._write(entries)
+        try:
+            self._write(entries)
+        except Exception as exc:  # storage is down or full: the map itself goes on
+            self._pending = entries + self._pending  # tried again at the next flush
+            if not self.write_failed:
+                warnings.warn(
+                    f"cache={self.url!r}: results could not be stored ({type(exc).__name__}: "
+                    f"{exc}); the map goes on and returns every result, and stores them if "
+                    "the storage comes back; a re-run computes the ones not stored",
+                    CacheWriteWarning,
+                    stacklevel=2,
+                )
+            self.write_failed = True
 
     def _write(self, entries: list[tuple[bytes, Any]]) -> None:
         payload = cloudpickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)

@@ -24,7 +24,7 @@ import pytest
 
 import cloudmap
 from cloudmap import InputError, TaskError
-from cloudmap.cache import CachedMapEngine, ResultCache
+from cloudmap.cache import CachedMapEngine, CacheWriteWarning, ResultCache
 from cloudmap.engine import MapEngine
 from cloudmap.options import MapOptions
 from cloudmap.seeding import item_rng
@@ -464,3 +464,34 @@ def test_a_cached_engine_merges_cached_and_computed_results_in_input_order(
         computed = sorted(i for task in cluster.submitted for i in task.batch.indices)
         assert computed == sorted(set(range(20)) - cached)
         assert len(cache.load()) == 20  # every computed result was stored as it came
+
+
+def test_storage_that_fails_mid_map_warns_and_loses_no_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = MapOptions(seed=5, cache=str(tmp_path / "cache"), progress=False)
+    cache = ResultCache.for_map(fake_draw, 1, options)
+    assert cache is not None
+
+    def broken(self: ResultCache, entries: Any) -> None:
+        raise OSError("the disk is full")
+
+    monkeypatch.setattr(ResultCache, "_write", broken)
+    cluster = FakeCluster(numbered({}), slots=2)
+    engine = CachedMapEngine(
+        cluster,  # type: ignore[arg-type]
+        fake_draw,
+        (list(range(30)),),
+        options,
+        cache=cache,
+        slots=cluster.slots,
+        is_closed=cluster.is_closed,
+    )
+    engine.start()
+    with pytest.warns(CacheWriteWarning, match="the disk is full") as warned:
+        values = [v for _, chunk in engine.chunks() for v in chunk]
+    assert len(warned) == 1
+    assert values == [x + float(item_rng(5, x).random()) for x in range(30)]
+    monkeypatch.undo()
+    cache.flush()  # the storage is back: what was held is stored
+    assert len(cache.load()) == 30
