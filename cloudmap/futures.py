@@ -159,6 +159,12 @@ class PoolExecutor(concurrent.futures.Executor):
                 "submit does not; use executor.map, pool.map or pool.run for staged work, or an "
                 "executor without inputs=/outputs= for submit"
             )
+        if self._options.cache is not None:
+            raise InputError(
+                "this executor caches results (cache=), which executor.map does and submit "
+                "does not; use executor.map or pool.map for cached work, or an executor "
+                "without cache= for submit"
+            )
         with self._lock:
             if self._shutdown:
                 raise PoolClosedError(_SHUT_DOWN)

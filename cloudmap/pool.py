@@ -524,7 +524,8 @@ class Pool:
     ) -> Iterator[Any]:
         """Like :meth:`map`, but yield results as they come, holding a bounded window.
 
-        Input is read lazily (an endless generator is fine) and only a few batches per slot
+        Input is read lazily (an endless generator is fine, except with ``cache=``, which
+        reads the whole input first to look its items up) and only a few batches per slot
         are in flight or buffered at a time. ``ordered=False`` yields in completion order.
         Work starts at the call; stopping the iteration cancels what is still queued.
         """

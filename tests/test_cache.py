@@ -296,7 +296,13 @@ def test_staged_files_and_endless_input_are_refused(
 
     with pytest.raises(InputError, match="an endless generator"):
         pool.imap(fn, endless(), cache=cache)
-    assert not log.exists()
+    with pytest.raises(InputError, match="submit does not"):
+        pool.executor(cache=cache).submit(fn, 3)
+    with pool.executor(cache=cache) as executor:  # its map caches, as pool.map does
+        assert list(executor.map(fn, range(3))) == [0, 1, 4]
+    log.unlink()
+    assert pool.map(fn, range(3), cache=cache) == [0, 1, 4]
+    assert not log.exists()  # computed by executor.map, taken from the cache
 
 
 @pytest.mark.filterwarnings("ignore:Failed to fetch container properties")
