@@ -97,8 +97,7 @@ class Work:
             outputs_dir=outputs_dir,
             job=job,
         )
-        described = fn if recorded is None else recorded
-        record = self._records.begin(label, described, iterables, options)
+        finish = self._recording(label, recorded or fn, iterables, options)
         results = MapResult()
         try:
             engine.start()
@@ -109,13 +108,11 @@ class Work:
                 # Chunks arrive in input order, so results[i] is item i's value.
                 done = {i: v for i, v in enumerate(results) if v is not SKIPPED}
                 exc.results = {**done, **exc.results}
-            status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self._records.end(record, described, iterables, status, exc)
+            finish("cancelled" if isinstance(exc, KeyboardInterrupt) else "failed", exc)
             raise
         if options.on_error == "skip":
             results[:] = [value for value in results if value is not SKIPPED]
-        self._records.end(record, described, iterables, "finished")
-        results.record = record
+        results.record = finish("finished", None)
         return results
 
     def map_async(
@@ -142,14 +139,12 @@ class Work:
             staged=staged,
             outputs_dir=outputs_dir,
         )
-        described = fn if recorded is None else recorded
-        record = self._records.begin(label, described, iterables, options)
-
-        def finish(status: str, error: BaseException | None) -> RunRecord:
-            self._records.end(record, described, iterables, status, error)
-            return record
-
-        engine.start()
+        finish = self._recording(label, recorded or fn, iterables, options)
+        try:
+            engine.start()
+        except BaseException as exc:
+            finish("failed", exc)
+            raise
         return MapRun(
             engine,
             progress=reporter,
@@ -157,6 +152,18 @@ class Work:
             finish=finish,
             label=label,
         )
+
+    def _recording(
+        self, label: str, described: Any, iterables: tuple[Iterable[Any], ...], options: MapOptions
+    ) -> Callable[[str, BaseException | None], RunRecord]:
+        """Begin the run record of a map; the call returned ends it (status, error)."""
+        record = self._records.begin(label, described, iterables, options)
+
+        def finish(status: str, error: BaseException | None) -> RunRecord:
+            self._records.end(record, described, iterables, status, error)
+            return record
+
+        return finish
 
     def imap(
         self,
