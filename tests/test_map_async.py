@@ -205,3 +205,13 @@ def test_a_runs_output_goes_under_the_cell_that_started_it_in_a_kernel() -> None
     finally:
         kernel.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_map_async_with_a_cache_hands_out_cached_results_too(
+    pool: cloudmap.Pool, tmp_path: Any
+) -> None:
+    cache = str(tmp_path / "cache")
+    first = pool.map_async(draw, range(50), seed=3, cache=cache, progress=False).result(60)
+    again = pool.map_async(draw, range(50), seed=3, cache=cache, progress=False)
+    assert again.result(timeout=60) == first
+    assert again.results_so_far() == dict(enumerate(first))
