@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
-from .errors import InputError
+from .errors import InputError, PoolClosedError
 from .node.compat import versions
 from .payload import item_bytes
 from .pricing import spend
@@ -272,7 +272,12 @@ class RecordMaker:
             billed.append(replace(samples[-1], time=ended))
             record.cost = spend(billed, prices)
             record.currency = prices.currency
-        record.node_versions = self.node_versions()
+        # Asking the nodes needs the scheduler: not after a map that failed for want of it
+        # (a lost scheduler, a closed pool), whose own error must reach the user at once,
+        # and never at the cost of that error.
+        if not isinstance(error, PoolClosedError):
+            with contextlib.suppress(Exception):
+                record.node_versions = self.node_versions()
 
     def node_versions(self) -> dict[str, dict[str, str]]:
         """Package versions of each node serving now (asking only nodes new to this pool)."""

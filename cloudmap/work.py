@@ -10,6 +10,7 @@ imports it); neither sees the Pool.
 
 from __future__ import annotations
 
+import logging
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,8 @@ from .progress import make_reporter
 from .record import MapResult, RecordMaker, RunRecord
 from .runs import MapRun
 from .staging import as_inputs, as_outputs
+
+logger = logging.getLogger(__name__)
 
 
 class Work:
@@ -156,11 +159,19 @@ class Work:
     def _recording(
         self, label: str, described: Any, iterables: tuple[Iterable[Any], ...], options: MapOptions
     ) -> Callable[[str, BaseException | None], RunRecord]:
-        """Begin the run record of a map; the call returned ends it (status, error)."""
+        """Begin the run record of a map; the call returned ends it (status, error).
+
+        A record that cannot be finished is logged and left as it is: it must never keep a
+        map's results or its own error from the caller (nor a MapRun from ending)."""
         record = self._records.begin(label, described, iterables, options)
 
         def finish(status: str, error: BaseException | None) -> RunRecord:
-            self._records.end(record, described, iterables, status, error)
+            try:
+                self._records.end(record, described, iterables, status, error)
+            except Exception:
+                logger.warning(
+                    "cloudmap: the run record of a %s was not finished", label, exc_info=True
+                )
             return record
 
         return finish
