@@ -176,9 +176,10 @@ def rerun(record: RunRecord | str, pool: Runner, *, items: Iterable[Any] | None 
     fn, recorded_items = pickle.loads(base64.b64decode(record.payload))
     if items is None:
         if recorded_items is None:
+            count = f"{record.items} " if record.items >= 0 else ""
             raise InputError(
-                f"this record of {record.function} does not hold its {record.items} items "
-                "(a generator, or over the size limit); pass them again as items="
+                f"this record of {record.function} does not hold its {count}items (they were "
+                "a generator, or over the size limit); pass them again as items="
             )
         items = recorded_items
     else:
