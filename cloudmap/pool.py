@@ -861,7 +861,7 @@ def _assemble(
             return spec.slots_per_node
         return planned
 
-    records = RecordMaker(cluster, provider=lambda: provider, history=scaler.history)
+    records = RecordMaker(cluster, provider=provider, history=scaler.history)
     work = Work(cluster, slots=slots, nodes=view.nodes, is_closed=closed.is_set, records=records)
     mpi = MpiRunner(cluster, gang, closed.is_set)
     return _Parts(view, scaler, gang, work, mpi, backlog)

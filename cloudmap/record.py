@@ -36,6 +36,7 @@ from .samples import ScalingSample
 
 if TYPE_CHECKING:
     from .cluster import DaskCluster
+    from .providers import Provider
 
 
 class Runner(Protocol):
@@ -209,7 +210,7 @@ class RecordMaker:
         self,
         cluster: DaskCluster,
         *,
-        provider: Callable[[], Any],
+        provider: Provider,
         history: Callable[[], list[ScalingSample]],
     ) -> None:
         self._cluster = cluster
@@ -235,7 +236,7 @@ class RecordMaker:
             started=_now(),
             client_versions=dict(_client_versions()),
         )
-        provider = self._provider()
+        provider = self._provider
         record.provider = provider.name
         try:
             record.pool_plan = provider.planned()
@@ -265,7 +266,7 @@ class RecordMaker:
         during = [s for s in history if started < s.time <= ended]
         samples = before + during
         record.scaling = [_sample_dict(s) for s in samples]
-        prices = self._provider().prices()
+        prices = self._provider.prices()
         if prices is not None and samples:
             # Billed from the run's start to its end: the first sample moved to the start,
             # the last one repeated at the end (spend bills a sample until the next).
@@ -303,10 +304,12 @@ def _client_versions() -> dict[str, str]:
     return versions()
 
 
-def items_hash(items: Any) -> str:
-    """A hash of the items' pickle, or "" when they cannot be pickled."""
+def items_hash(items: Iterable[Any]) -> str:
+    """A hash of the items, as a list, pickled; "" when they cannot be pickled. As a list,
+    so that a map over ``range(100)`` and the same items passed again as a list (or a
+    range, or a tuple) hash the same."""
     try:
-        blob = cloudpickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         return ""
     return hashlib.blake2b(blob, digest_size=16).hexdigest()

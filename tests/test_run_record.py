@@ -83,6 +83,9 @@ def test_rerun_refuses_items_that_differ_from_the_recorded_ones(pool: cloudmap.P
     assert cloudmap.rerun(record, pool, items=[1, 2, 3]) == pool.map(
         draw, [1, 2, 3], seed=3, progress=False
     )
+    # The same items in another container are the same items.
+    ranged = pool.map(draw, range(5), seed=3, progress=False)
+    assert cloudmap.rerun(ranged.record, pool, items=[0, 1, 2, 3, 4]) == ranged
 
 
 def test_a_failed_map_leaves_a_failed_record(pool: cloudmap.Pool) -> None:
