@@ -364,8 +364,6 @@ class _Capture:
             cut = self._item_text.popleft()
             self._item_chars -= len(cut)
             self._item_cut += len(cut)
-        if self._tag is None:
-            return
         if not _Capture.limit.take(time.monotonic()):
             self._dropped += 1
             return
